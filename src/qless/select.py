@@ -1,0 +1,129 @@
+"""Selection: rank the whole pool by a task's score and keep the top p% (or top n).
+
+All sources compete in one ranking (no per-source quota). Ties are broken by row order, so
+the same scores always give the same selection. Rows without a score (missing at some
+checkpoint) are never selected. The random baseline draws the same number of rows
+uniformly with a seed.
+
+Outputs in a folder: ``selected.jsonl`` (the selected pool records in the pool's own format,
+in rank order, when the pool data is given), ``ranking.jsonl`` (rank, source, id, score of
+each selected row), ``counts.json`` (selected and pool counts per source) and
+``selection.json`` (what was selected, how, from which scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from qless import __version__
+from qless.config import option, to_dict
+from qless.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How many rows to keep and how to pick them."""
+
+    percent: float = option(5.0, "keep the top PERCENT of the pool (the paper: 5; 0.5 already recovers most of the gain)")
+    top_n: int = option(0, "keep exactly this many rows instead of a percentage (0: use percent)")
+    method: Literal["top", "random"] = option("top", "top-scoring rows, or a uniform random baseline of the same size")
+    seed: int = option(0, "seed of the random baseline")
+
+    def __post_init__(self) -> None:
+        if self.top_n < 0:
+            raise ConfigError(f"select.top_n must be >= 0, got {self.top_n}")
+        if not self.top_n and not 0 < self.percent <= 100:
+            raise ConfigError(f"select.percent must be in (0, 100], got {self.percent}")
+
+    def count(self, n_pool: int) -> int:
+        """Rows to keep: ``top_n``, or ``ceil(n_pool * percent / 100)``; at most the pool."""
+        n = self.top_n if self.top_n else math.ceil(n_pool * self.percent / 100 - 1e-9)
+        return max(1, min(n, n_pool))
+
+
+def rank(scores: np.ndarray) -> np.ndarray:
+    """Row indices by descending score, ties by ascending row index; NaN rows left out."""
+    scores = np.asarray(scores, dtype=np.float64)
+    valid = np.flatnonzero(~np.isnan(scores))
+    order = np.argsort(-scores[valid], kind="stable")
+    return valid[order]
+
+
+def choose(scores: np.ndarray, cfg: SelectConfig) -> np.ndarray:
+    """Indices of the selected rows, in rank order (random baseline: in draw order)."""
+    ranked = rank(scores)
+    if len(ranked) == 0:
+        raise DataError("no pool row has a score; nothing can be selected")
+    n = cfg.count(len(ranked))
+    if cfg.method == "top":
+        return ranked[:n]
+    rng = np.random.default_rng(cfg.seed)
+    return np.sort(ranked)[rng.permutation(len(ranked))[:n]]
+
+
+def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray, rows: Sequence[Mapping[str, Any]],
+                    cfg: SelectConfig, *, records: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                    info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the selection files (module docstring) atomically and return ``selection.json``'s content.
+
+    ``rows[i]`` is pool row ``i``'s ``{"source", "id"}``; ``records`` maps ``(source, id)`` to the
+    original pool record, to write ``selected.jsonl``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir}: already exists; choose a new output folder for the selection")
+    keys = [(str(rows[i]["source"]), str(rows[i]["id"])) for i in picked]
+    if records is not None:
+        missing = [k for k in keys if k not in records]
+        if missing:
+            raise DataError(
+                f"{len(missing)} selected rows are not in the given pool data (first: source {missing[0][0]!r}, "
+                f"id {missing[0][1]!r}); pass the same pool files the gradients were extracted from"
+            )
+    pool_counts = Counter(str(r["source"]) for r in rows)
+    sel_counts = Counter(k[0] for k in keys)
+    counts = {
+        src: {"selected": sel_counts.get(src, 0), "pool": pool_counts[src],
+              "share_of_selection": sel_counts.get(src, 0) / len(keys), "share_of_pool": pool_counts[src] / len(rows)}
+        for src in sorted(pool_counts)
+    }
+    summary = {
+        "format": "qless-selection",
+        "created_with": f"qless {__version__}",
+        "config": to_dict(cfg),
+        "n_pool": len(rows),
+        "n_selected": len(keys),
+        "min_selected_score": float(np.min(scores[picked])) if len(picked) else None,
+        **dict(info or {}),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with open(tmp / "ranking.jsonl", "w") as f:
+            for r, (i, (src, ex_id)) in enumerate(zip(picked, keys), start=1):
+                f.write(json.dumps({"rank": r, "source": src, "id": ex_id, "score": float(scores[i]), "row": int(i)}) + "\n")
+        if records is not None:
+            with open(tmp / "selected.jsonl", "w") as f:
+                for k in keys:
+                    f.write(json.dumps(dict(records[k]), ensure_ascii=False) + "\n")
+        (tmp / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
+        (tmp / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("selected %d of %d rows into %s", len(keys), len(rows), out_dir)
+    return summary

