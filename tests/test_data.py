@@ -271,6 +271,17 @@ def test_truncation_and_no_label_skip(tiny_tokenizer, caplog):
     assert "skipping mem:1" in caplog.text and "skipped 1 of 2" in caplog.text
 
 
+def test_left_truncation_keeps_the_response(tiny_tokenizer):
+    long_prompt = _example(qa("hello world " * 40, "yes it is"))
+    (full,), _ = tokenize_examples([long_prompt], tiny_tokenizer, DataConfig(), progress=False)
+    done, skipped = tokenize_examples([long_prompt], tiny_tokenizer, DataConfig(max_length=20, truncation="left"),
+                                      progress=False)
+    assert not skipped and done[0].truncated and len(done[0].input_ids) == 20
+    assert done[0].input_ids == full.input_ids[-20:] and done[0].labels == full.labels[-20:]
+    with pytest.raises(ConfigError, match="truncation"):
+        DataConfig(truncation="middle")
+
+
 def test_slow_tokenizer_is_refused():
     class Slow:
         is_fast = False

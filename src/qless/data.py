@@ -46,7 +46,11 @@ class DataConfig:
         "conversation format: 'less' (<|user|>/<|assistant|> headers, as LESS and open-instruct) "
         "or 'chat_template' (the tokenizer's own chat template)",
     )
-    max_length: int = option(2048, "maximum tokens per example; longer examples are cut on the right")
+    max_length: int = option(2048, "maximum tokens per example; longer examples are cut")
+    truncation: Literal["right", "left"] = option(
+        "right", "which end of an over-long example is cut: right (LESS) or left (keeps the final response, "
+        "e.g. for few-shot targets whose long prompt would otherwise leave no response token)"
+    )
     on_bad_record: Literal["error", "skip"] = option(
         "error", "a malformed record: 'error' stops with its file and line, 'skip' logs it and leaves it out"
     )
@@ -56,6 +60,8 @@ class DataConfig:
             raise ConfigError(f"template: {self.template!r} is not one of 'less', 'chat_template'")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"max_length: expected a positive integer, got {self.max_length!r}")
+        if self.truncation not in ("right", "left"):
+            raise ConfigError(f"truncation: {self.truncation!r} is not one of 'right', 'left'")
         if self.on_bad_record not in ("error", "skip"):
             raise ConfigError(f"on_bad_record: {self.on_bad_record!r} is not one of 'error', 'skip'")
 
@@ -355,7 +361,8 @@ def tokenize_examples(
     for example in tqdm(examples, desc="tokenize", unit="ex", disable=not progress):
         input_ids, labels = _tokenize_one(example, tokenizer, cfg.template, name)
         truncated = len(input_ids) > cfg.max_length
-        item = Tokenized(example, input_ids[: cfg.max_length], labels[: cfg.max_length], truncated)
+        keep = slice(None, cfg.max_length) if cfg.truncation == "right" else slice(len(input_ids) - cfg.max_length, None)
+        item = Tokenized(example, input_ids[keep] if truncated else input_ids, labels[keep] if truncated else labels, truncated)
         if any(label != IGNORE_INDEX for label in item.labels):
             done.append(item)
             continue
