@@ -122,3 +122,37 @@ def write_store(path, x, spec, *, checkpoint="epoch-1", lr=1e-5, rows=None, shar
         w.finish()
     finalize(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama and the tiny tokenizer saved as a local model folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_llama(len(tiny_tokenizer))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, records):
+    import json
+
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def toy_pool(n=24, seed=0):
+    """Short varied chat records (tulu form) from a fixed word list, for pipeline tests."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the answer is two four plus what hello world test small physics yes no maybe".split()
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(2, 10)))
+        out.append({"dataset": ["flan", "chat", "cot"][i % 3], "id": f"ex{i}",
+                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out

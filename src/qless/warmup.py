@@ -1,0 +1,272 @@
+"""Warmup: LoRA-train the base model on a random p% of the pool, one checkpoint per epoch.
+
+The gradient features of the later stages are taken at these checkpoints, and the pool's
+features use each checkpoint's Adam moments, so a checkpoint keeps:
+
+    OUT/checkpoint-E/
+      adapter_config.json, adapter_model.safetensors   the LoRA adapter (peft layout)
+      optimizer.safetensors   "<param>.exp_avg" / "<param>.exp_avg_sq" keyed by parameter NAME
+      checkpoint.json         epoch, optimizer step, the learning rate that weights the
+                              checkpoint (the mean lr over its epoch, as LESS), Adam settings,
+                              the epoch's mean loss, and the training state for resuming
+    OUT/warmup.json           settings, model and adapter identity, the subset, the checkpoints
+
+The subset is drawn from the whole pool with the user's seed (a different seed draws a
+different subset). The loss of a step is the mean over all response tokens of its effective
+batch, accumulated over micro-batches, so the micro-batch size changes memory, not the maths.
+An interrupted warmup resumes from its last complete epoch (adapter, moments, scheduler
+position and data order restored), repeating no finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qless import __version__
+from qless.config import option, to_dict
+from qless.data import IGNORE_INDEX, DataConfig, Example, Tokenized, collate, tokenize_examples
+from qless.errors import ConfigError, DataError, ModelError
+from qless.gradients import lora_parameters
+from qless.models import AdapterConfig, ModelConfig, adapter_identity, attach_lora, load_model, set_adapter_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Warmup training settings; the defaults are the QLESS paper's."""
+
+    percent: float = option(5.0, "percent of the pool drawn for warmup training")
+    seed: int = option(0, "seed of the subset draw, the data order and the LoRA initialisation")
+    epochs: int = option(4, "epochs; one checkpoint is kept per epoch")
+    learning_rate: float = option(2e-5, "peak learning rate")
+    schedule: Literal["cosine", "linear"] = option("cosine", "decay after warmup: cosine (QLESS) or linear (LESS)")
+    warmup_ratio: float = option(0.03, "fraction of all steps spent warming the learning rate up linearly")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(128, "effective batch size (examples per optimizer step)")
+    micro_batch_size: int = option(8, "examples per forward/backward pass (memory only)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.999, "Adam beta2")
+    adam_eps: float = option(1e-8, "Adam epsilon")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.percent <= 100:
+            raise ConfigError(f"warmup.percent must be in (0, 100], got {self.percent}")
+        for name in ("epochs", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"warmup.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"warmup.learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One warmup checkpoint: its folder, name and the learning rate that weights it."""
+
+    path: Path
+    name: str
+    learning_rate: float
+    epoch: int
+    step: int
+
+    def moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``param name -> (exp_avg, exp_avg_sq)`` from ``optimizer.safetensors``."""
+        from safetensors.torch import load_file
+
+        path = self.path / "optimizer.safetensors"
+        if not path.is_file():
+            raise ModelError(f"{path}: missing; the checkpoint holds no Adam moments (re-run `qless warmup`)")
+        flat = load_file(str(path))
+        names = {k.rsplit(".", 1)[0] for k in flat}
+        return {n: (flat[f"{n}.exp_avg"], flat[f"{n}.exp_avg_sq"]) for n in names}
+
+
+def draw_subset(n_pool: int, percent: float, seed: int) -> np.ndarray:
+    """Sorted indices of ``ceil(n_pool * percent / 100)`` pool examples drawn with ``seed``."""
+    n = max(1, min(n_pool, math.ceil(n_pool * percent / 100 - 1e-9)))
+    return np.sort(np.random.default_rng(seed).choice(n_pool, size=n, replace=False))
+
+
+def read_checkpoints(warmup_dir: str | Path) -> list[Checkpoint]:
+    """The complete checkpoints of a warmup folder, in epoch order."""
+    warmup_dir = Path(warmup_dir)
+    info_path = warmup_dir / "warmup.json"
+    if not info_path.is_file():
+        raise ModelError(f"{warmup_dir}: no warmup.json; run `qless warmup` first (or give its output folder)")
+    info = json.loads(info_path.read_text())
+    out = []
+    for c in info.get("checkpoints", []):
+        path = warmup_dir / c["name"]
+        if not (path / "checkpoint.json").is_file():
+            raise ModelError(f"{path}: checkpoint listed in warmup.json is missing; re-run `qless warmup`")
+        out.append(Checkpoint(path, c["name"], float(c["learning_rate"]), int(c["epoch"]), int(c["step"])))
+    if not out:
+        raise ModelError(f"{warmup_dir}: warmup has no finished checkpoint yet; run (or resume) `qless warmup`")
+    return out
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: WarmupConfig, total_steps: int):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warm = math.ceil(cfg.warmup_ratio * total_steps)
+    make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
+
+
+def _micro_batches(items: Sequence[Tokenized], size: int) -> list[list[Tokenized]]:
+    """Split a step's examples into micro-batches of similar length (less padding)."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+    return [[items[i] for i in order[a:a + size]] for a in range(0, len(order), size)]
+
+
+def _save_checkpoint(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[str, torch.nn.Parameter]],
+                     path: Path, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    flat = {}
+    for name, p in params:
+        state = optimizer.state.get(p, {})
+        flat[f"{name}.exp_avg"] = state["exp_avg"].detach().float().cpu().contiguous()
+        flat[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
+    save_file(flat, str(tmp / "optimizer.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng_state.safetensors"))  # dropout draws continue exactly on resume
+    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[str, torch.nn.Parameter]], ckpt: Path) -> dict:
+    """Load adapter weights, Adam state and RNG state of a finished epoch into the live objects."""
+    from safetensors.torch import load_file
+
+    set_adapter_weights(model, ckpt)
+    rng = load_file(str(ckpt / "rng_state.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    moments = Checkpoint(ckpt, ckpt.name, 0.0, 0, 0).moments()
+    for name, p in params:
+        m, v = moments[name]
+        optimizer.state[p] = {"step": torch.tensor(float(meta["step"])), "exp_avg": m.to(p.device, p.dtype),
+                              "exp_avg_sq": v.to(p.device, p.dtype)}
+    return meta
+
+
+def _write_info(path: Path, info: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(),
+           model_cfg: ModelConfig = ModelConfig(), adapter_cfg: AdapterConfig = AdapterConfig(),
+           data_cfg: DataConfig = DataConfig(), *, progress: bool = True) -> list[Checkpoint]:
+    """Train a LoRA adapter on a random ``cfg.percent`` of ``pool``; return the checkpoints.
+
+    Resumes from the last finished epoch in ``out_dir`` if the settings match."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    subset_idx = draw_subset(len(pool), cfg.percent, cfg.seed)
+    subset = [pool[i] for i in subset_idx]
+    settings = {"warmup": to_dict(cfg), "model": to_dict(model_cfg), "adapter": to_dict(adapter_cfg), "data": to_dict(data_cfg),
+                "pool_size": len(pool)}
+    info_path = out_dir / "warmup.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if info is not None and info["settings"] != settings:
+        raise ConfigError(f"{out_dir}: holds a warmup with other settings; use a new folder or delete it")
+    done = info["checkpoints"] if info else []
+    if len(done) >= cfg.epochs:
+        log.info("warmup in %s already finished (%d checkpoints)", out_dir, len(done))
+        return read_checkpoints(out_dir)
+
+    model, tokenizer, model_identity = load_model(model_cfg)
+    items, skipped = tokenize_examples(subset, tokenizer, data_cfg, progress=progress)
+    if not items:
+        raise DataError("no warmup example has a response token left after truncation; raise max_length")
+    torch.manual_seed(cfg.seed)
+    model = attach_lora(model, adapter_cfg)
+    params = lora_parameters(model)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    scheduler = _schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    info = info or {"format": "qless-warmup", "created_with": f"qless {__version__}", "settings": settings,
+                    "model": model_identity, "adapter": adapter_identity(model), "subset_size": len(items),
+                    "subset_skipped": [{"source": s.example.source, "id": s.example.id, "reason": s.reason} for s in skipped],
+                    "steps_per_epoch": steps_per_epoch, "checkpoints": []}
+    _write_info(info_path, info)
+    (out_dir / "subset.jsonl").write_text("".join(json.dumps({"source": t.example.source, "id": t.example.id}) + "\n" for t in items))
+    if done:
+        meta = _restore(model, optimizer, params, out_dir / done[-1]["name"])
+        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(meta["step"]):
+                scheduler.step()
+        log.info("resuming warmup after epoch %d (step %d)", meta["epoch"], meta["step"])
+    device = next(p for _, p in params).device
+    pad = tokenizer.pad_token_id
+    model.train()
+    step = len(done) * steps_per_epoch
+    for epoch in range(len(done) + 1, cfg.epochs + 1):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
+        lrs, losses = [], []
+        bar = tqdm(range(steps_per_epoch), desc=f"warmup epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
+        start = time.perf_counter()
+        for s in bar:
+            batch = [items[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
+            n_tokens = sum(sum(1 for lab in t.labels if lab != IGNORE_INDEX) for t in batch)
+            total = 0.0
+            for micro in _micro_batches(batch, cfg.micro_batch_size):
+                tensors = {k: v.to(device) for k, v in collate(micro, pad).items()}
+                logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tensors["labels"][:, 1:].flatten(),
+                                                         ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens
+                loss.backward()
+                total += float(loss.detach())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            step += 1
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lrs[-1]:.2e}")
+        bar.close()
+        name = f"checkpoint-{epoch}"
+        meta = {"epoch": epoch, "step": step, "learning_rate": float(np.mean(lrs)), "mean_loss": float(np.mean(losses)),
+                "adam": {"beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2, "eps": cfg.adam_eps},
+                "parameters": [n for n, _ in params], "seconds": time.perf_counter() - start}
+        _save_checkpoint(model, optimizer, params, out_dir / name, meta)
+        info["checkpoints"].append({"name": name, "epoch": epoch, "step": step, "learning_rate": meta["learning_rate"],
+                                    "mean_loss": meta["mean_loss"]})
+        _write_info(info_path, info)
+        log.info("epoch %d: mean loss %.4f, mean lr %.3g, %.1f s -> %s", epoch, meta["mean_loss"], meta["learning_rate"],
+                 meta["seconds"], out_dir / name)
+    model.eval()
+    return read_checkpoints(out_dir)
