@@ -215,8 +215,8 @@ class _State:
 class ShardWriter:
     """Appends rows to one shard of a store, resuming where a previous writer stopped.
 
-    ``append`` writes data, then commits; ``consumed`` counts the inputs processed so far
-    (rows written plus inputs skipped) and ``input_digest`` is the caller's fingerprint of
+    ``append`` writes data, then commits; ``consumed`` is the caller's position in its input
+    stream (where a resumed run starts again) and ``input_digest`` is the caller's fingerprint of
     those inputs, so that a resumed run can check it is fed the same data.
     """
 
@@ -269,8 +269,8 @@ class ShardWriter:
         for r in rows:
             if "source" not in r or "id" not in r:
                 raise ValueError("every row needs 'source' and 'id'")
-        if consumed < self.state.consumed + n + len(skipped):
-            raise ValueError("consumed must grow by at least the rows and skipped inputs appended")
+        if consumed < self.state.consumed:
+            raise ValueError(f"consumed cannot go back ({self.state.consumed} -> {consumed})")
         row_text = "".join(json.dumps(dict(r), sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode()
         skip_text = "".join(json.dumps(dict(r), sort_keys=True, ensure_ascii=False) + "\n" for r in skipped).encode()
         for name, data in (("codes.bin", codes.tobytes()), ("scales.bin", scales.tobytes()),

@@ -1,0 +1,324 @@
+"""Gradient extraction: the one place where gradient -> project -> quantize -> datastore is wired.
+
+For every example set (the pool, each target task) and every warmup checkpoint: per-example
+gradients of the mean response-token loss w.r.t. the LoRA parameters, many examples per
+forward/backward (:class:`~qless.gradients.PerExampleGradients`); pool examples turned into
+the checkpoint's Adam direction, target examples kept plain; projected to k dimensions; and
+quantized into every requested format at once (the gradients are the expensive part).
+
+Stores land in ``OUT/<format>/<set>/<checkpoint>/``. Examples are processed in fixed chunks
+of ``chunk_size`` counted from the start of the shard; each chunk is committed to every
+store in one append. An interrupted run resumes at the first uncommitted chunk of each store,
+and since chunk boundaries and the batching inside a chunk are fixed, the resumed store is
+byte-identical to an uninterrupted one. Per-example gradients are buffered up to
+``buffer_mb`` before a projection pass, because generating the projection matrix is paid per
+pass, not per example. Rows whose gradient is NaN or infinite are reported by id and recorded
+in the store's ``skipped.jsonl`` instead of being stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from qless.config import option, to_dict
+from qless.data import DataConfig, Example, Skipped, Tokenized, collate, tokenize_examples
+from qless.datastore import (
+    MANIFEST,
+    STATE,
+    Datastore,
+    ShardWriter,
+    create_store,
+    finalize,
+    new_manifest,
+    read_manifest,
+    requantize,
+)
+from qless.errors import ConfigError, DataError, ModelError, StoreMismatchError
+from qless.gradients import PerExampleGradients, adam_direction
+from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, set_adapter_weights
+from qless.project import ProjectionConfig, Projector
+from qless.quantize import QuantizerSpec, quantize
+from qless.warmup import Checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("fp16", "absmax8", "absmean4", "absmean2", "sign1")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How gradients are computed and stored (the projection has its own config)."""
+
+    formats: tuple[str, ...] = option(DEFAULT_FORMATS, "store formats written in one pass: fp32 fp16 absmax8/4/2 absmean8/4/2 "
+                                      "sign1; '-global' variants (one scale per store) are derived from fp32")
+    batch_size: int = option(16, "most examples per forward/backward pass")
+    max_batch_tokens: int = option(8192, "most padded tokens per forward/backward pass")
+    chunk_size: int = option(256, "examples per commit; a resumed run restarts at a chunk boundary")
+    buffer_mb: int = option(1024, "per-example gradients buffered before one projection pass (MiB)")
+    shard_index: int = option(0, "this process's shard (distributed extraction: one shard per process)")
+    num_shards: int = option(1, "number of processes sharing the work; each takes a contiguous range")
+
+    def __post_init__(self) -> None:
+        if not self.formats:
+            raise ConfigError("extract.formats: give at least one format, e.g. absmean4")
+        specs = [QuantizerSpec.parse(f) for f in self.formats]
+        tags = [s.tag for s in specs]
+        if len(set(tags)) != len(tags):
+            raise ConfigError(f"extract.formats repeats a format: {list(self.formats)}")
+        if any(s.scale == "global" for s in specs) and "fp32" not in tags:
+            raise ConfigError("extract.formats: global-scale formats are derived from an fp32 store; add fp32 to the formats")
+        for name in ("batch_size", "max_batch_tokens", "chunk_size", "buffer_mb", "num_shards"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"extract.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"extract.shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+
+    @property
+    def specs(self) -> list[QuantizerSpec]:
+        return [QuantizerSpec.parse(f) for f in self.formats]
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+def _digest(items: Sequence[Tokenized], upto: int) -> str:
+    """Fingerprint of the first ``upto`` inputs (source and id, in order)."""
+    h = hashlib.sha256()
+    for t in items[:upto]:
+        h.update(f"{t.example.source}\x00{t.example.id}\n".encode())
+    return h.hexdigest()
+
+
+def _micro_batches(items: Sequence[Tokenized], cfg: ExtractConfig) -> list[list[int]]:
+    """Indices of ``items`` grouped longest first, capped by examples and padded tokens."""
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i].input_ids), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            cur = batches[-1]
+            longest = len(items[cur[0]].input_ids)
+            if len(cur) < cfg.batch_size and longest * (len(cur) + 1) <= cfg.max_batch_tokens:
+                cur.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class Extractor:
+    """A loaded model with its adapter, ready to write gradient stores for example sets."""
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], out_dir: str | Path, cfg: ExtractConfig = ExtractConfig(),
+                 projection: ProjectionConfig = ProjectionConfig(), model_cfg: ModelConfig = ModelConfig(),
+                 data_cfg: DataConfig = DataConfig(), progress: bool = True) -> None:
+        if not checkpoints:
+            raise ModelError("no warmup checkpoint given; run `qless warmup` first")
+        self.checkpoints = list(checkpoints)
+        self.out_dir = Path(out_dir)
+        self.cfg, self.projection, self.data_cfg, self.progress = cfg, projection, data_cfg, progress
+        base, self.tokenizer, self.model_identity = load_model(model_cfg)
+        self.model = load_adapter(base, self.checkpoints[0].path)
+        self.grads = PerExampleGradients(self.model)
+        self.adapter_identity = {k: v for k, v in adapter_identity(self.model).items() if k != "parameters"}
+        self.device = self.grads.device
+        self.projector = Projector(projection, self.grads.dim, self.device)
+        self.buffer_rows = max(1, min(cfg.chunk_size, cfg.buffer_mb * 2**20 // (4 * self.grads.dim)))
+        log.info("LoRA gradient dimension d = %d; projecting to k = %d, %d rows per projection pass",
+                 self.grads.dim, projection.dim, self.buffer_rows)
+
+    # -- one set -------------------------------------------------------------------------------
+
+    def run(self, name: str, examples: Sequence[Example], kind: Literal["pool", "target"],
+            data_cfg: DataConfig | None = None) -> dict[str, list[Path]]:
+        """Write ``OUT/<format>/<name>/<checkpoint>`` stores for ``examples`` (tokenized with
+        ``data_cfg``, default the extractor's); returns the stores by format."""
+        if kind not in ("pool", "target"):
+            raise ConfigError(f"kind must be 'pool' or 'target', got {kind!r}")
+        data_cfg = data_cfg or self.data_cfg
+        tokenized, skipped = tokenize_examples(examples, self.tokenizer, data_cfg, progress=self.progress)
+        if not tokenized:
+            raise DataError(f"set {name!r}: no example has a response token left (max_length {data_cfg.max_length})")
+        n = len(tokenized)
+        lo, hi = n * self.cfg.shard_index // self.cfg.num_shards, n * (self.cfg.shard_index + 1) // self.cfg.num_shards
+        items = tokenized[lo:hi]
+        out: dict[str, list[Path]] = {s.tag: [] for s in self.cfg.specs}
+        for ckpt in self.checkpoints:
+            stores = self._run_checkpoint(name, items, skipped if self.cfg.shard_index == 0 else [], kind, ckpt, data_cfg)
+            for tag, path in stores.items():
+                out[tag].append(path)
+        for spec in self.cfg.specs:
+            if spec.scale == "global":
+                for src in out["fp32"]:
+                    dst = self.out_dir / spec.tag / name / src.name
+                    if not (dst / MANIFEST).exists():
+                        requantize(Datastore.open(src), dst, spec)
+                    out[spec.tag].append(dst)
+        return out
+
+    def _manifest(self, spec: QuantizerSpec, ckpt: Checkpoint, kind: str, name: str, data_cfg: DataConfig) -> dict[str, Any]:
+        return new_manifest(
+            projection=self.projection.identity(self.grads.dim), quantizer=spec,
+            checkpoint={"name": ckpt.name, "learning_rate": ckpt.learning_rate},
+            gradient="adam" if kind == "pool" else "sgd", model=self.model_identity, adapter=self.adapter_identity,
+            tokenization={"template": data_cfg.template, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
+            extra={"set": name, "extraction": {k: v for k, v in to_dict(self.cfg).items() if k not in ("formats", "shard_index")},
+                   "projection_compute": {"chunk_size": self.projection.chunk_size, "dtype": self.projection.compute_dtype}},
+        )
+
+    def _run_checkpoint(self, name: str, items: Sequence[Tokenized], skipped: Sequence[Skipped], kind: str,
+                        ckpt: Checkpoint, data_cfg: DataConfig) -> dict[str, Path]:
+        specs = [s for s in self.cfg.specs if s.scale == "row"]
+        paths = {s.tag: self.out_dir / s.tag / name / ckpt.name for s in specs}
+        shard = self.cfg.shard_name
+        manifests = {s.tag: self._manifest(s, ckpt, kind, name, data_cfg) for s in specs}
+        done = set()
+        for tag, path in paths.items():
+            if _shard_complete(path, shard):
+                create_store(path, manifests[tag])  # a finished store must still match this run's settings
+                done.add(tag)
+        if len(done) == len(paths):
+            log.info("set %s, %s: stores already complete", name, ckpt.name)
+            for p in paths.values():
+                _try_finalize(p, self.cfg.num_shards)
+            return paths
+        writers = {tag: ShardWriter(paths[tag], manifests[tag], shard) for tag in paths if tag not in done}
+        for tag, w in writers.items():
+            if w.consumed % self.cfg.chunk_size and w.consumed != len(items):
+                raise StoreMismatchError(f"{w.dir}: {w.consumed} inputs committed, not a multiple of chunk_size "
+                                         f"{self.cfg.chunk_size}; resume with the settings that wrote it")
+            if w.consumed and w.state.input_digest != _digest(items, w.consumed):
+                raise StoreMismatchError(f"{w.dir}: was written from other input examples than this run's; "
+                                         "write to a new output folder")
+        set_adapter_weights(self.model, ckpt.path)
+        moments = self._moments(ckpt) if kind == "pool" else None
+        start = min(w.consumed for w in writers.values())
+        bar = tqdm(total=len(items), initial=start, desc=f"{name} {ckpt.name}", unit="ex", disable=not self.progress)
+        t0 = time.perf_counter()
+        for c0 in range(start, len(items), self.cfg.chunk_size):
+            chunk = items[c0:c0 + self.cfg.chunk_size]
+            rows, bad = self._chunk(chunk, moments)
+            consumed = c0 + len(chunk)
+            digest = _digest(items, consumed)
+            good = [i for i in range(len(chunk)) if i not in bad]
+            table = [_row(chunk[i].example) for i in good]
+            skip = [{**_row(chunk[i].example), "reason": bad[i]} for i in sorted(bad)]
+            if c0 == 0:  # examples dropped at tokenization are recorded once, with the first chunk
+                skip = [{**_row(s.example), "reason": s.reason} for s in skipped] + skip
+            for tag, w in writers.items():
+                if w.consumed != c0:
+                    continue
+                spec = QuantizerSpec.parse(tag)
+                codes, scales = quantize(rows[good], spec) if good else (torch.zeros(0, spec.row_bytes(rows.shape[1]), dtype=torch.uint8), torch.zeros(0))
+                w.append(codes, scales, table, consumed=consumed, input_digest=digest, skipped=skip)
+            bar.update(len(chunk))
+        bar.close()
+        rate = (len(items) - start) / max(time.perf_counter() - t0, 1e-9)
+        log.info("set %s, %s: %d examples (%.2f examples/s)", name, ckpt.name, len(items) - start, rate)
+        for w in writers.values():
+            w.finish()
+        for p in paths.values():
+            _try_finalize(p, self.cfg.num_shards)
+        return paths
+
+    def _moments(self, ckpt: Checkpoint) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The checkpoint's Adam moments flattened in gradient order, and its Adam settings."""
+        import json
+
+        stored = ckpt.moments()
+        tag = f".{self.model.active_adapter}."
+        ms, vs = [], []
+        for pname, p in self.grads.params:
+            key = pname if pname in stored else pname.replace(tag, ".")
+            if key not in stored:
+                raise ModelError(f"{ckpt.path}: no Adam moments for parameter {pname}; the checkpoint belongs to another adapter")
+            m, v = stored[key]
+            if m.numel() != p.numel():
+                raise ModelError(f"{ckpt.path}: moments of {pname} have {m.numel()} values, the parameter {p.numel()}")
+            ms.append(m.reshape(-1))
+            vs.append(v.reshape(-1))
+        adam = json.loads((ckpt.path / "checkpoint.json").read_text()).get("adam", {})
+        return torch.cat(ms).to(self.device), torch.cat(vs).to(self.device), adam
+
+    def _chunk(self, chunk: Sequence[Tokenized], moments: tuple | None) -> tuple[torch.Tensor, dict[int, str]]:
+        """Projected gradient rows ``[len(chunk), k]`` (CPU float32) in chunk order, and the
+        indices of rows with a non-finite gradient (their rows are zero) with the reason."""
+        out = torch.zeros(len(chunk), self.projection.dim)
+        bad: dict[int, str] = {}
+        pending: list[tuple[list[int], torch.Tensor]] = []
+        pending_rows = 0
+
+        def flush() -> None:
+            nonlocal pending, pending_rows
+            if not pending:
+                return
+            idx = [i for ids, _ in pending for i in ids]
+            g = torch.cat([x for _, x in pending]) if len(pending) > 1 else pending[0][1]
+            out[idx] = self.projector(g).cpu()
+            pending, pending_rows = [], 0
+
+        pad = self.tokenizer.pad_token_id
+        for ids in _micro_batches(chunk, self.cfg):
+            batch = collate([chunk[i] for i in ids], pad)
+            g, _ = self.grads(batch)
+            if moments is not None:
+                m, v, adam = moments
+                g = adam_direction(g, m, v, adam.get("beta1", 0.9), adam.get("beta2", 0.999), adam.get("eps", 1e-8))
+            finite = torch.isfinite(g).all(dim=1)
+            if not bool(finite.all()):
+                for j in torch.nonzero(~finite).flatten().tolist():
+                    ex = chunk[ids[j]].example
+                    bad[ids[j]] = "non-finite gradient"
+                    log.warning("non-finite gradient for %s/%s (%s); left out of the store", ex.source, ex.id, ex.origin)
+                g = torch.where(finite[:, None], g, torch.zeros_like(g))
+            if pending_rows + len(ids) > self.buffer_rows:
+                flush()
+            pending.append((ids, g))
+            pending_rows += len(ids)
+        flush()
+        return out, bad
+
+
+def _row(ex: Example) -> dict[str, Any]:
+    row = {"source": ex.source, "id": ex.id}
+    if ex.subtask is not None:
+        row["subtask"] = ex.subtask
+    return row
+
+
+def _shard_complete(store: Path, shard: str) -> bool:
+    import json
+
+    state = store / "shards" / shard / STATE
+    return state.is_file() and bool(json.loads(state.read_text()).get("complete"))
+
+
+def _try_finalize(store: Path, num_shards: int) -> None:
+    """Finalise the store once all ``num_shards`` shards are complete (any process may do it)."""
+    if read_manifest(store).get("complete"):
+        return
+    shards = [d for d in (store / "shards").iterdir() if d.is_dir()]
+    if len(shards) == num_shards and all(_shard_complete(store, d.name) for d in shards):
+        finalize(store)
+    else:
+        log.info("%s: waiting for the other shards before finalising", store)
+
+
+def extract(sets: dict[str, tuple[Sequence[Example], Literal["pool", "target"]]], checkpoints: Sequence[Checkpoint],
+            out_dir: str | Path, cfg: ExtractConfig = ExtractConfig(), projection: ProjectionConfig = ProjectionConfig(),
+            model_cfg: ModelConfig = ModelConfig(), data_cfg: DataConfig = DataConfig(), *,
+            target_data_cfg: DataConfig | None = None, progress: bool = True) -> dict[str, dict[str, list[Path]]]:
+    """Extract gradient stores for every ``name -> (examples, kind)`` set with one loaded model;
+    returns ``{set: {format: [store per checkpoint]}}``. Target sets are tokenized with
+    ``target_data_cfg`` when given. See the module docstring."""
+    ex = Extractor(checkpoints, out_dir, cfg, projection, model_cfg, data_cfg, progress)
+    return {name: ex.run(name, examples, kind, target_data_cfg if kind == "target" else None)
+            for name, (examples, kind) in sets.items()}

@@ -1,0 +1,167 @@
+"""Extraction: stores equal a slow float64 reference, resume is byte-identical, bad rows reported."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import toy_pool, write_jsonl
+
+from qless.data import DataConfig, collate, load_examples, tokenize_examples
+from qless.datastore import Datastore, ShardWriter
+from qless.errors import ConfigError, StoreMismatchError
+from qless.extract import ExtractConfig, extract
+from qless.gradients import adam_direction, per_example_gradients_loop
+from qless.models import AdapterConfig, ModelConfig, load_adapter, load_model
+from qless.project import ProjectionConfig, project_reference
+from qless.quantize import QuantizerSpec, quantize
+from qless.warmup import WarmupConfig, warmup
+
+PROJ = ProjectionConfig(dim=256, seed=4, chunk_size=300)
+# The fast path runs per-example gradients, the Adam direction and the projection in float32
+# (the reference in float64); relative error per row stays far below 1e-4.
+ROW_REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("extract")
+    pool = load_examples(write_jsonl(root / "pool.jsonl", toy_pool(20)))
+    targets = load_examples(write_jsonl(root / "t.jsonl", [
+        {"prompt": "what is two plus two", "completion": " four", "subtask": "math", "dataset": "qa", "id": "t1"},
+        {"prompt": "hello world", "completion": " yes", "subtask": "chat", "dataset": "qa", "id": "t2"},
+        {"prompt": "physics test", "completion": " maybe no", "subtask": "chat", "dataset": "qa", "id": "t3"}]))
+    model_cfg = ModelConfig(model=str(tiny_model_dir))
+    ckpts = warmup(pool, root / "warmup", WarmupConfig(percent=50, epochs=2, learning_rate=1e-2, batch_size=4,
+                                                       micro_batch_size=4), model_cfg,
+                   AdapterConfig(r=4, alpha=16, dropout=0.0), progress=False)
+    return root, pool, targets, model_cfg, ckpts
+
+
+def _cfg(**kw):
+    return ExtractConfig(**{**dict(formats=("fp32", "absmean4", "sign1"), batch_size=3, chunk_size=8), **kw})
+
+
+def _files(path):
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if f != "manifest.json":
+                out[os.path.relpath(p, path)] = open(p, "rb").read()
+    return out
+
+
+def test_stores_equal_float64_reference(setup, tmp_path):
+    root, pool, targets, model_cfg, ckpts = setup
+    out = extract({"pool": (pool, "pool"), "qa": (targets, "target")}, ckpts, tmp_path, _cfg(), PROJ, model_cfg,
+                  progress=False)
+    assert sorted(out["pool"]) == ["absmean4", "fp32", "sign1"]
+    base, tok, _ = load_model(model_cfg)
+    model = load_adapter(base, ckpts[0].path)
+    for set_name, examples, kind in (("pool", pool, "pool"), ("qa", targets, "target")):
+        for ckpt in ckpts:
+            from qless.models import set_adapter_weights
+
+            set_adapter_weights(model, ckpt.path)
+            items, _ = tokenize_examples(examples, tok, DataConfig(), progress=False)
+            g, _ = per_example_gradients_loop(model, collate(items, tok.pad_token_id), dtype=torch.float64)
+            if kind == "pool":
+                mom = ckpt.moments()
+                names = [n for n, p in model.named_parameters() if p.requires_grad]
+                m = torch.cat([mom[n][0].reshape(-1) for n in names]).double()
+                v = torch.cat([mom[n][1].reshape(-1) for n in names]).double()
+                g = adam_direction(g, m, v)
+            ref = project_reference(PROJ, g.numpy())
+            store = Datastore.open(tmp_path / "fp32" / set_name / ckpt.name)
+            assert store.manifest["gradient"] == ("adam" if kind == "pool" else "sgd")
+            assert store.manifest["checkpoint"] == {"name": ckpt.name, "learning_rate": ckpt.learning_rate}
+            scales = np.concatenate([np.array(s) for _, _, s in store.blocks(100)])
+            got = store.decoded(0, store.n_rows).double().numpy() * scales[:, None]
+            err = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+            assert err.max() < ROW_REL_TOL
+            assert [r["id"] for r in store.rows()] == [e.id for e in examples]
+            # the other formats hold the same rows, quantized
+            s4 = Datastore.open(tmp_path / "absmean4" / set_name / ckpt.name)
+            codes, _ = quantize(torch.tensor(got, dtype=torch.float32), QuantizerSpec.parse("absmean4"))
+            agree = (np.concatenate([np.array(c) for _, c, _ in s4.blocks(100)]) == codes.numpy()).mean()
+            assert agree > 0.99  # only codes sitting on a rounding boundary may flip
+    t = Datastore.open(tmp_path / "sign1" / "qa" / "checkpoint-1")
+    assert [r.get("subtask") for r in t.rows()] == ["math", "chat", "chat"]
+
+
+def test_interrupted_extraction_resumes_byte_identical(setup, tmp_path, monkeypatch):
+    root, pool, _, model_cfg, ckpts = setup
+    extract({"pool": (pool, "pool")}, ckpts, tmp_path / "whole", _cfg(), PROJ, model_cfg, progress=False)
+    real = ShardWriter.append
+    calls = {"n": 0}
+
+    def append_then_stop(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the second chunk of the first checkpoint, between formats
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ShardWriter, "append", append_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract({"pool": (pool, "pool")}, ckpts, tmp_path / "cut", _cfg(), PROJ, model_cfg, progress=False)
+    monkeypatch.setattr(ShardWriter, "append", real)
+    extract({"pool": (pool, "pool")}, ckpts, tmp_path / "cut", _cfg(), PROJ, model_cfg, progress=False)
+    assert _files(tmp_path / "whole") == _files(tmp_path / "cut")
+    # a finished or partial store is never continued with other settings or other input
+    with pytest.raises(StoreMismatchError, match="chunk_size"):
+        extract({"pool": (pool, "pool")}, ckpts, tmp_path / "cut", _cfg(chunk_size=4), PROJ, model_cfg, progress=False)
+    calls["n"] = 0
+    monkeypatch.setattr(ShardWriter, "append", append_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract({"pool": (pool, "pool")}, ckpts, tmp_path / "cut2", _cfg(), PROJ, model_cfg, progress=False)
+    monkeypatch.setattr(ShardWriter, "append", real)
+    with pytest.raises(StoreMismatchError, match="other input"):
+        extract({"pool": (pool[::-1], "pool")}, ckpts, tmp_path / "cut2", _cfg(), PROJ, model_cfg, progress=False)
+
+
+def test_non_finite_and_unlabelled_examples_are_reported(setup, tmp_path, monkeypatch):
+    root, pool, _, model_cfg, ckpts = setup
+    import qless.extract as ex
+
+    real = ex.PerExampleGradients.__call__
+
+    def poison(self, batch):
+        g, losses = real(self, batch)
+        g[0, 0] = float("nan")  # the longest example of each micro-batch
+        return g, losses
+
+    monkeypatch.setattr(ex.PerExampleGradients, "__call__", poison)
+    long_prompt = {"dataset": "flan", "id": "long", "messages": [{"role": "user", "content": "hello " * 400},
+                                                                    {"role": "assistant", "content": "yes"}]}
+    examples = pool[:6] + load_examples(write_jsonl(tmp_path / "long.jsonl", [long_prompt]))
+    extract({"pool": (examples, "pool")}, ckpts[:1], tmp_path, _cfg(batch_size=7), PROJ, model_cfg,
+            DataConfig(max_length=64), progress=False)
+    store = Datastore.open(tmp_path / "fp32" / "pool" / "checkpoint-1")
+    skipped = [json.loads(line) for line in open(store.shards[0].dir / "skipped.jsonl")]
+    reasons = {s["id"]: s["reason"] for s in skipped}
+    assert "long" in reasons and "no" in reasons["long"].lower()
+    assert sum(r == "non-finite gradient" for r in reasons.values()) == 1
+    assert store.n_rows == 5 and not any(r["id"] in reasons for r in store.rows())
+
+
+def test_sharded_extraction_matches_single_process(setup, tmp_path):
+    root, pool, _, model_cfg, ckpts = setup
+    extract({"pool": (pool, "pool")}, ckpts[:1], tmp_path / "one", _cfg(), PROJ, model_cfg, progress=False)
+    for i in range(2):
+        extract({"pool": (pool, "pool")}, ckpts[:1], tmp_path / "two", _cfg(shard_index=i, num_shards=2), PROJ,
+                model_cfg, progress=False)
+    a = Datastore.open(tmp_path / "one" / "fp32" / "pool" / "checkpoint-1")
+    b = Datastore.open(tmp_path / "two" / "fp32" / "pool" / "checkpoint-1")
+    assert len(b.shards) == 2 and list(a.rows()) == list(b.rows())
+    # other micro-batch groupings change float rounding only
+    np.testing.assert_allclose(b.decoded(0, b.n_rows).numpy(), a.decoded(0, a.n_rows).numpy(), atol=1e-5)
+
+
+def test_global_formats_need_fp32():
+    with pytest.raises(ConfigError, match="fp32"):
+        ExtractConfig(formats=("absmax2-global",))
+    assert ExtractConfig(formats=("fp32", "absmax2-global")).specs[1].scale == "global"
