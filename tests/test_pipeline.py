@@ -45,7 +45,7 @@ def test_run_writes_every_stage_and_resumes(tmp_path, tiny_model_dir):
         sel = [json.loads(line) for line in open(run_dir / "selected" / task / "selected.jsonl")]
         assert len(sel) == 3 and all("messages" in r for r in sel)
     assert (run_dir / "selected" / "random" / "ranking.jsonl").is_file()
-    for png in ("composition.png", "bits.png", "scores_mmlu.png", "scores_qa.png"):
+    for png in ("composition_source.png", "bits.png", "scores_mmlu.png", "scores_qa.png"):
         assert (run_dir / "report" / png).stat().st_size > 1000
     assert summary["n_pool"] == 30 and set(summary["selected"]) == {"mmlu", "qa"}
     rows = (30 + 5) * 2  # pool + targets, two checkpoints; k = 128: row bytes + 4-byte scale

@@ -11,6 +11,7 @@ from conftest import write_store
 
 from qless.datastore import Datastore
 from qless.errors import StoreMismatchError
+from qless.report import spearman, top_overlap
 from qless.score import (
     ScoreConfig,
     aggregate_reference,
@@ -111,17 +112,6 @@ def test_block_size_does_not_change_scores(tmp_path):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (no ties in continuous scores)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def top_overlap(a: np.ndarray, b: np.ndarray, frac: float) -> float:
-    n = max(1, int(len(a) * frac))
-    return len(set(np.argsort(-a)[:n]) & set(np.argsort(-b)[:n])) / n
-
-
 # Rank agreement of quantized scores with fp32 scores on Gaussian-like projected gradients
 # (k = 2048, 500 pool rows, two subtasks, two checkpoints). Measured on this seeded data
 # (pytest -s prints them): fp16 and absmax8 1.000 / 1.00, absmean4 0.998 / 0.92, absmean2
@@ -148,7 +138,7 @@ def test_quantized_scores_agree_in_rank_with_fp32(tmp_path, tag):
             targets.append(Datastore.open(write_store(tmp_path / fmt / f"t{c}", xt, fmt, checkpoint=c, rows=trows)))
         scores[fmt] = score(pool, targets, progress=False).aggregate("max")["t"]
     rho = spearman(scores["fp32"], scores[tag])
-    overlap = top_overlap(scores["fp32"], scores[tag], 0.05)
+    overlap = top_overlap(scores["fp32"], scores[tag], max(1, int(0.05 * n)))
     print(f"{tag}: spearman {rho:.4f}, top-5% overlap {overlap:.3f}")
     rho_floor, overlap_floor = RANK_FLOOR[tag]
     assert rho > rho_floor and overlap >= overlap_floor

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def _cmd_select(ns: argparse.Namespace) -> int:
     for task in tasks:
         col = np.asarray(values[:, manifest["tasks"].index(task)])
         picked = choose(col, cfg)
-        out = Path(ns.out) / task if len(tasks) > 1 or not ns.task else Path(ns.out)
+        out = Path(ns.out) / task if len(tasks) > 1 else Path(ns.out)
         summary = write_selection(out, picked, col, rows, cfg, records=records,
                                   info={"task": task, "scores": str(ns.scores)})
         print(f"{task}: selected {summary['n_selected']} of {summary['n_pool']} rows ({cfg.method}) -> {out}")
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "demo", "the embedded demo: SmolLM2-135M-Instruct, a real mixed pool, MMLU/BBH/SQuAD targets",
                     "qless demo --run-dir runs/demo")
     p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo; re-running resumes)")
-    p.add_argument("--pool-size", type=int, default=1000, help="pool examples (default: 1000, about 12 minutes on 2 cores)")
+    p.add_argument("--pool-size", type=int, default=400, help="pool examples (default: 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the benchmark draw and the warmup (default: 0)")
     _COMMANDS["demo"] = _cmd_demo
 
@@ -318,6 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not ns.verbose:
+        # notices from dependencies that a user cannot act on: bitsandbytes' optional CPU kernel
+        # package (imported by peft even without quantization) and a peft/transformers rename
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return _COMMANDS[ns.command](ns)
     except QlessError as e:

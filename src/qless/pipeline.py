@@ -19,6 +19,7 @@ with the ``cpu`` preset, sized for a laptop CPU.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -77,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "adapter": to_dict(AdapterConfig.preset("cpu")),
         "data": {"max_length": 256},
-        "target_data": {"max_length": 384, "truncation": "left"},
+        "target_data": {"max_length": 256, "truncation": "left"},
         "warmup": {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "micro_batch_size": 4, "warmup_ratio": 0.1},
         "extract": {"batch_size": 8, "max_batch_tokens": 2048, "chunk_size": 128},
     },
@@ -125,8 +126,10 @@ def _load_sets(cfg: RunConfig) -> tuple[list[Example], dict[str, list[Example]]]
     return pool, targets
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline; returns the summary also written to ``RUN/summary.json``."""
+def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the summary also written to ``RUN/summary.json``.
+
+    ``source_groups`` optionally maps pool sources to coarser groups for the report."""
     from qless.datastore import open_by_checkpoint
     from qless.report import write_report
     from qless.quantize import QuantizerSpec
@@ -145,6 +148,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     pool, targets = _load_sets(cfg)
     log.info("pool: %d examples; targets: %s", len(pool), {k: len(v) for k, v in targets.items()})
     checkpoints = warmup(pool, run_dir / "warmup", cfg.warmup, cfg.model, cfg.adapter, cfg.data, progress=progress)
+    gc.collect()  # the warmup's model is gone; free it before extraction loads its own
     timings["warmup"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -152,6 +156,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     sets = {"pool": (pool, "pool"), **{name: (ex, "target") for name, ex in targets.items()}}
     extract(sets, checkpoints, grads, cfg.extract, cfg.projection, cfg.model, cfg.data, target_data_cfg=cfg.target_data,
             progress=progress)
+    gc.collect()
     timings["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -182,7 +187,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         col = values[:, 0]
         write_selection(random_dir, choose(col, rcfg), col, rows, rcfg, records=records, info={"task": None})
     report_dir = write_report(run_dir / "report", scores_dirs, primary, selections, random_dir, cfg.select.percent,
-                              cfg.projection.dim)
+                              cfg.projection.dim, source_groups)
     summary = _summary(run_dir, grads, scores_dirs, selections, random_dir, report_dir, timings, len(pool), targets)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -207,7 +212,7 @@ def _summary(run_dir: Path, grads: Path, scores_dirs: dict[str, Path], selection
     }
 
 
-def demo(run_dir: str | Path = "runs/demo", pool_size: int = 1000, seed: int = 0, *, progress: bool = True) -> dict[str, Any]:
+def demo(run_dir: str | Path = "runs/demo", pool_size: int = 400, seed: int = 0, *, progress: bool = True) -> dict[str, Any]:
     """Build the embedded benchmark (if needed) and run the CPU preset on SmolLM2-135M-Instruct."""
     from qless.embedded import BenchmarkConfig, build_benchmark
 
@@ -233,4 +238,5 @@ def demo(run_dir: str | Path = "runs/demo", pool_size: int = 1000, seed: int = 0
         "projection": {"compute_dtype": dtype},
         "warmup": {"seed": seed},
     }, preset="cpu", where="demo")
-    return run(cfg, progress=progress)
+    sources = json.loads((bench / "manifest.json").read_text())["pool"]["sources"]
+    return run(cfg, progress=progress, source_groups={src: info["kind"] for src, info in sources.items()})

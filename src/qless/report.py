@@ -73,9 +73,57 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _plot_scores(plt: Any, path: Path, task: str, col: np.ndarray, sources: np.ndarray, threshold: float,
+                 percent: float, primary: str) -> None:
+    """All scores as a histogram, and per source as box plots sorted by median, with the threshold."""
+    ok = ~np.isnan(col)
+    names = sorted(set(sources[ok].tolist()), key=lambda src: np.median(col[ok & (sources == src)]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.28 * len(names) + 1.2)),
+                                      gridspec_kw={"width_ratios": [1, 1.4]})
+    left.hist(col[ok], bins=40, color="0.6")
+    right.boxplot([col[ok & (sources == src)] for src in names], orientation="horizontal", tick_labels=names, widths=0.6,
+                  flierprops={"markersize": 3})
+    for ax in (left, right):
+        ax.axvline(threshold, color="C3", linestyle="--", label=f"top {percent:g}% threshold")
+        ax.set_xlabel("score")
+    left.set(title=f"{task}: influence scores ({primary})", ylabel="pool examples")
+    left.legend(fontsize=8)
+    right.set_title("by pool source (sorted by median)")
+    right.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_composition(plt: Any, path: Path, columns: dict[str, dict[str, float]], title: str) -> None:
+    """Heatmap: rows are sources (largest pool share first), columns the pool and each selection."""
+    names = sorted(columns["pool"], key=lambda src: -columns["pool"][src])
+    grid = np.array([[columns[c][src] for c in columns] for src in names])
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.3 * len(names) + 1.5))
+    im = ax.imshow(grid, cmap="Blues", aspect="auto", vmin=0, vmax=max(grid.max(), 1e-9))
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white" if v > 0.6 * grid.max() else "black")
+    ax.set_xticks(range(len(columns)), labels=list(columns))
+    ax.set_yticks(range(len(names)), labels=names, fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _shares(counts: Mapping[str, int], names: list[str]) -> dict[str, float]:
+    total = max(sum(counts.values()), 1)
+    return {src: counts.get(src, 0) / total for src in names}
+
+
 def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: str, selections: Mapping[str, Path],
-                 random_selection: Path | None, percent: float, k: int) -> Path:
-    """Draw the plots and write ``report.md`` / ``report.json`` into ``out_dir``."""
+                 random_selection: Path | None, percent: float, k: int,
+                 source_groups: Mapping[str, str] | None = None) -> Path:
+    """Draw the plots and write ``report.md`` / ``report.json`` into ``out_dir``.
+
+    ``source_groups`` (optional) maps each pool source to a coarser group (e.g. flan / cot /
+    chat), for one more composition table and plot at that level."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,53 +136,37 @@ def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: 
     pool_counts = Counter(sources.tolist())
     names = sorted(pool_counts)
     report: dict[str, Any] = {"primary_format": primary, "percent": percent, "n_pool": len(rows), "tasks": {}}
-    md = [f"# qless report\n", f"Pool: {len(rows)} examples from {len(names)} sources; selection: top {percent:g}% "
+    md = ["# qless report\n", f"Pool: {len(rows)} examples from {len(names)} sources; selection: top {percent:g}% "
           f"by the `{primary}` scores.\n"]
 
-    # score distributions per source
+    selected_counts: dict[str, Counter] = {}
     for j, task in enumerate(manifest["tasks"]):
-        col = np.asarray(values[:, j], dtype=np.float64)
         sel = _read_jsonl(selections[task] / "ranking.jsonl")
         threshold = min(r["score"] for r in sel)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        bins = np.linspace(np.nanmin(col), np.nanmax(col), 50)
-        for src in names:
-            ax.hist(col[sources == src], bins=bins, histtype="step", linewidth=1.5, label=f"{src} ({pool_counts[src]})")
-        ax.axvline(threshold, color="k", linestyle="--", label=f"top {percent:g}% threshold")
-        ax.set(title=f"{task}: influence scores by pool source ({primary})", xlabel="score", ylabel="examples")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"scores_{task}.png", dpi=110)
-        plt.close(fig)
-        counts = Counter(r["source"] for r in sel)
-        report["tasks"][task] = {"threshold": threshold, "selected": dict(counts), "n_selected": len(sel)}
-
-    # composition
-    columns = {"pool": {s: pool_counts[s] / len(rows) for s in names}}
-    for task in manifest["tasks"]:
-        sel = report["tasks"][task]
-        columns[task] = {s: sel["selected"].get(s, 0) / sel["n_selected"] for s in names}
+        _plot_scores(plt, out_dir / f"scores_{task}.png", task, np.asarray(values[:, j], dtype=np.float64), sources,
+                     threshold, percent, primary)
+        selected_counts[task] = Counter(r["source"] for r in sel)
+        report["tasks"][task] = {"threshold": threshold, "selected": dict(selected_counts[task]), "n_selected": len(sel)}
     if random_selection is not None:
-        rand = Counter(r["source"] for r in _read_jsonl(random_selection / "ranking.jsonl"))
-        total = sum(rand.values())
-        columns["random"] = {s: rand.get(s, 0) / total for s in names}
-        report["random"] = dict(rand)
-    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 4))
-    bottom = np.zeros(len(columns))
-    for src in names:
-        share = np.array([columns[c][src] for c in columns])
-        ax.bar(list(columns), share, bottom=bottom, label=src)
-        bottom += share
-    ax.set(title="share of each source", ylabel="fraction")
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out_dir / "composition.png", dpi=110)
-    plt.close(fig)
-    md.append("## Selection composition\n\n![composition](composition.png)\n")
-    md.append("| source | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
-    for src in names:
-        md.append(f"| {src} | " + " | ".join(f"{columns[c][src]:.1%}" for c in columns) + " |")
-    md.append("")
+        selected_counts["random"] = Counter(r["source"] for r in _read_jsonl(random_selection / "ranking.jsonl"))
+        report["random"] = dict(selected_counts["random"])
+
+    levels = [("source", lambda src: src)]
+    if source_groups:
+        levels.insert(0, ("group", lambda src: source_groups.get(src, "other")))
+    md.append("## Selection composition\n")
+    for level, key in levels:
+        keys = sorted({key(src) for src in names})
+        regroup = lambda counts: Counter({g: sum(n for src, n in counts.items() if key(src) == g) for g in keys})  # noqa: E731
+        columns = {"pool": _shares(regroup(pool_counts), keys)}
+        columns.update({name: _shares(regroup(c), keys) for name, c in selected_counts.items()})
+        _plot_composition(plt, out_dir / f"composition_{level}.png", columns, f"share of each pool {level}")
+        report[f"composition_by_{level}"] = columns
+        md.append(f"![composition by {level}](composition_{level}.png)\n")
+        md.append(f"| {level} | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+        for g in sorted(keys, key=lambda g: -columns["pool"][g]):
+            md.append(f"| {g} | " + " | ".join(f"{columns[c][g]:.1%}" for c in columns) + " |")
+        md.append("")
     for task in manifest["tasks"]:
         md.append(f"![{task} scores](scores_{task}.png)\n")
 
