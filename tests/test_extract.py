@@ -168,8 +168,8 @@ def test_global_formats_need_fp32():
 
 
 # Random 32-wide weights lose ~10% of their precision to NF4's 16 levels; the per-example
-# gradients still order the pool alike. Measured Spearman on this setup: see the test's output.
-NF4_SPEARMAN_FLOOR = 0.8
+# gradients still order the pool alike.
+NF4_SPEARMAN_FLOOR = 0.95  # measured 0.991 (40 pool x subtask scores)
 
 
 def test_nf4_extraction_agrees_in_rank_with_full_precision(setup, tmp_path):

@@ -44,7 +44,7 @@ from qless.datastore import (
 )
 from qless.errors import ConfigError, DataError, ModelError, StoreMismatchError
 from qless.gradients import PerExampleGradients, adam_direction
-from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, set_adapter_weights
+from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, release_memory, set_adapter_weights
 from qless.project import ProjectionConfig, Projector
 from qless.quantize import QuantizerSpec, quantize
 from qless.warmup import Checkpoint
@@ -225,6 +225,7 @@ class Extractor:
         log.info("set %s, %s: %d examples (%.2f examples/s)", name, ckpt.name, len(items) - start, rate)
         for w in writers.values():
             w.finish()
+        release_memory()
         for p in paths.values():
             _try_finalize(p, self.cfg.num_shards)
         return paths

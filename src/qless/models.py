@@ -171,6 +171,29 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def release_memory() -> None:
+    """Return freed memory to the operating system between stages.
+
+    glibc keeps the heap that variable-length batches fragmented: after a warmup on CPU the
+    process held 5.5 GB that it no longer used (malloc_trim brought it to 0.6 GB). Also empties
+    the CUDA cache. Harmless where glibc is absent."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            libc = ctypes.CDLL(name)
+            if hasattr(libc, "malloc_trim"):
+                libc.malloc_trim(0)
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF conversion cache
 

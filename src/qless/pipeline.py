@@ -19,7 +19,6 @@ with the ``cpu`` preset, sized for a laptop CPU.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from qless.config import from_dict, option, to_dict
 from qless.data import DataConfig, Example, load_examples
 from qless.errors import ConfigError
 from qless.extract import ExtractConfig, extract
-from qless.models import AdapterConfig, ModelConfig
+from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
 from qless.score import ScoreConfig
 from qless.select import SelectConfig
@@ -74,13 +73,14 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # the QLESS paper's settings (defaults of every stage)
     "paper": {},
-    # a laptop CPU: small LoRA, short sequences, few epochs
+    # a laptop CPU: small LoRA, short sequences, few epochs, small batches (on a CPU larger
+    # batches buy no speed, only memory)
     "cpu": {
         "adapter": to_dict(AdapterConfig.preset("cpu")),
         "data": {"max_length": 256},
         "target_data": {"max_length": 256, "truncation": "left"},
-        "warmup": {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "micro_batch_size": 4, "warmup_ratio": 0.1},
-        "extract": {"batch_size": 8, "max_batch_tokens": 2048, "chunk_size": 128},
+        "warmup": {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "micro_batch_size": 2, "warmup_ratio": 0.1},
+        "extract": {"batch_size": 4, "max_batch_tokens": 1024, "chunk_size": 128},
     },
 }
 
@@ -148,7 +148,7 @@ def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] 
     pool, targets = _load_sets(cfg)
     log.info("pool: %d examples; targets: %s", len(pool), {k: len(v) for k, v in targets.items()})
     checkpoints = warmup(pool, run_dir / "warmup", cfg.warmup, cfg.model, cfg.adapter, cfg.data, progress=progress)
-    gc.collect()  # the warmup's model is gone; free it before extraction loads its own
+    release_memory()  # the warmup's model is gone; hand its memory back before extraction loads its own
     timings["warmup"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -156,7 +156,7 @@ def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] 
     sets = {"pool": (pool, "pool"), **{name: (ex, "target") for name, ex in targets.items()}}
     extract(sets, checkpoints, grads, cfg.extract, cfg.projection, cfg.model, cfg.data, target_data_cfg=cfg.target_data,
             progress=progress)
-    gc.collect()
+    release_memory()
     timings["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
