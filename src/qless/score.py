@@ -47,7 +47,7 @@ class ScoreConfig:
 
     aggregation: Literal["max", "mean"] = option("max", "over subtasks: max (LESS) or mean (the QLESS code)")
     weights: Literal["lr", "uniform"] = option("lr", "checkpoint weights: normalised learning rates (the paper) or uniform")
-    block_rows: int = option(16384, "pool rows decoded at a time (bounds memory)")
+    block_rows: int = option(2048, "pool rows decoded at a time (bounds memory: 64 MiB of float32 at k = 8192)")
     device: str = option("cpu", "device for decoding and matmuls: cpu, cuda or auto")
 
     def __post_init__(self) -> None:
