@@ -218,3 +218,12 @@ def test_projection_matrix_identical_on_cuda():
 
     cfg = ProjectionConfig(dim=1024, seed=7)
     assert torch.equal(matrix_rows(cfg, 1000, 1500, "cuda").cpu(), matrix_rows(cfg, 1000, 1500, "cpu"))
+
+
+def test_set_with_no_storable_example_is_an_error(setup, tmp_path):
+    from qless.errors import DataError
+
+    root, pool, _, model_cfg, ckpts = setup
+    with pytest.raises(DataError, match="no example could be stored"):
+        extract({"pool": (pool[:4], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, DataConfig(max_length=3),
+                progress=False)

