@@ -331,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
         print(f"qless {ns.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"qless {ns.command}: interrupted; committed work is kept, and the same command resumes it",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

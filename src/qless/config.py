@@ -163,11 +163,3 @@ def from_args(cls: type[T], ns: argparse.Namespace, base: T | None = None, where
     if base is None:
         return cls(**changes)
     return dataclasses.replace(base, **changes)
-
-
-def merge(cfg: T, overrides: dict[str, Any], where: str) -> T:
-    """``cfg`` with the fields in ``overrides`` replaced (validated like :func:`from_dict`)."""
-    if not overrides:
-        return cfg
-    merged = {**to_dict(cfg), **overrides}
-    return from_dict(type(cfg), merged, where)
