@@ -230,10 +230,10 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         state_path = self.dir / STATE
         self.state = _State.read(state_path) if state_path.exists() else _State()
+        if self.manifest.get("complete"):
+            raise StoreError(f"{self.store}: the store is finalised; write to a new store folder")
         if self.state.complete:
             raise StoreError(f"{self.dir}: shard is already complete; write to a new store folder or delete this one")
-        if self.state.rows and "shards" in self.manifest:
-            raise StoreError(f"{self.store}: store is finalised; write to a new store folder")
         # drop any uncommitted tail left by an interrupted writer
         for name, size in (("codes.bin", self.state.rows * self.row_bytes), ("scales.bin", self.state.rows * 4),
                            ("rows.jsonl", self.state.rows_bytes), ("skipped.jsonl", self.state.skipped_bytes)):
