@@ -89,3 +89,35 @@ def test_bad_flag_values_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's own errors exit 2 as well
         main(["score", "--pool"])
     assert e.value.code == 2
+
+
+def test_truncated_and_empty_stores_exit_2(tmp_path, capsys):
+    import os
+
+    import numpy as np
+
+    from qless.datastore import ShardWriter, finalize
+
+    _setup(tmp_path)
+    codes = tmp_path / "pool" / "epoch-1" / "shards" / "00000" / "codes.bin"
+    os.truncate(codes, codes.stat().st_size - 3)
+    _expect_exit2(["inspect", str(tmp_path / "pool" / "epoch-1")], capsys, "codes.bin", "truncated")
+    manifest = json.loads((tmp_path / "target" / "epoch-1" / "manifest.json").read_text())
+    for key in ("rows", "shards", "complete"):
+        manifest.pop(key)
+    w = ShardWriter(tmp_path / "empty", manifest)
+    w.append(np.zeros((0, 32), np.uint8), np.zeros(0, np.float32), [], consumed=2,
+             skipped=[{"source": "p", "id": "1", "reason": "no response token"}])
+    w.finish()
+    finalize(tmp_path / "empty")
+    _expect_exit2(["score", "--pool", str(tmp_path / "empty"), "--target", str(tmp_path / "target" / "epoch-1"),
+                   "--out", str(tmp_path / "s")], capsys, "holds no rows")
+
+
+def test_unknown_quantizer_exit_2(tmp_path, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"pool": ["p.jsonl"], "targets": ["t.jsonl"],
+                                                   "extract": {"formats": ["absmean3"]}}))
+    _expect_exit2(["run", str(tmp_path / "run.json")], capsys, "absmean: 3 bits is not supported", "8, 4 or 2")
+    (tmp_path / "run.json").write_text(json.dumps({"pool": ["p.jsonl"], "targets": ["t.jsonl"],
+                                                   "extract": {"formats": ["lloyd4"]}}))
+    _expect_exit2(["run", str(tmp_path / "run.json")], capsys, "unknown method 'lloyd'")

@@ -90,10 +90,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {where}")
 
 
+def _join(where: str, key: str) -> str:
+    """``"run.json:" + "extract"`` -> ``"run.json: extract"``; ``"a" + "b"`` -> ``"a.b"``."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
 def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build ``cls`` from a JSON-like mapping; unknown or ill-typed keys raise ConfigError.
 
-    ``where`` names the place for messages, e.g. ``"run.json: warmup"``.
+    ``where`` names the place for messages, e.g. ``"run.json:"`` (fields are then named
+    ``"run.json: warmup.epochs"``).
     """
     if isinstance(data, cls):
         return data
@@ -106,8 +112,13 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         raise ConfigError(
             f"{where}: unknown field(s) {', '.join(unknown)}; {cls.__name__} accepts {', '.join(sorted(names))}"
         )
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {k: _convert(v, hints[k], _join(where, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def load_run_config(path: str | Path, preset: str | None = None, overrides: dict
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the run config must be a JSON object")
     preset = data.pop("preset", None) or preset or "paper"
-    return build_run_config({**data, **(overrides or {})}, preset, where=str(path))
+    return build_run_config({**data, **(overrides or {})}, preset, where=f"{path}:")
 
 
 def build_run_config(data: dict[str, Any], preset: str = "paper", where: str = "config") -> RunConfig:

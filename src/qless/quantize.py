@@ -48,7 +48,8 @@ class QuantizerSpec:
                 f"(short forms: fp16, fp32, absmax8, absmean4, absmean2, sign1)"
             )
         if self.bits not in _BITS[self.method]:
-            allowed = " or ".join(str(b) for b in _BITS[self.method])
+            bits = [str(b) for b in _BITS[self.method]]
+            allowed = ", ".join(bits[:-1]) + " or " + bits[-1] if len(bits) > 1 else bits[0]
             raise ConfigError(f"quantizer {self.method}: {self.bits} bits is not supported; use {allowed} bits")
         if self.scale not in ("row", "global"):
             raise ConfigError(f"quantizer scale must be 'row' or 'global', got {self.scale!r}")
