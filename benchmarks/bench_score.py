@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qless.datastore import Datastore, ShardWriter, finalize, new_manifest
+from qless.store import Datastore, ShardWriter, finalize, new_manifest
 from qless.quantize import QuantizerSpec, quantize
-from qless.score import ScoreConfig, score
+from qless.scoring import ScoreConfig, score
 
 FORMATS = ["fp32", "fp16", "absmax8", "absmean4", "absmean2", "sign1"]
 

@@ -96,7 +96,7 @@ def test_truncated_and_empty_stores_exit_2(tmp_path, capsys):
 
     import numpy as np
 
-    from qless.datastore import ShardWriter, finalize
+    from qless.store import ShardWriter, finalize
 
     _setup(tmp_path)
     codes = tmp_path / "pool" / "epoch-1" / "shards" / "00000" / "codes.bin"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import write_store
 
-from qless.datastore import Datastore, ShardWriter, finalize, new_manifest, open_by_checkpoint, requantize
+from qless.store import Datastore, ShardWriter, finalize, new_manifest, open_by_checkpoint, requantize
 from qless.errors import StoreError, StoreMismatchError
 from qless.quantize import QuantizerSpec, decode_codes, quantize
 

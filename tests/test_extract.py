@@ -11,14 +11,14 @@ import torch
 from conftest import requires_cuda, toy_pool, write_jsonl
 
 from qless.data import DataConfig, collate, load_examples, tokenize_examples
-from qless.datastore import Datastore, ShardWriter
+from qless.store import Datastore, ShardWriter
 from qless.errors import ConfigError, StoreMismatchError
-from qless.extract import ExtractConfig, extract
+from qless.extraction import ExtractConfig, extract
 from qless.gradients import adam_direction, per_example_gradients_loop
 from qless.models import AdapterConfig, ModelConfig, load_adapter, load_model
 from qless.project import ProjectionConfig, project_reference
 from qless.quantize import QuantizerSpec, quantize
-from qless.warmup import WarmupConfig, warmup
+from qless.training import WarmupConfig, warmup
 
 PROJ = ProjectionConfig(dim=256, seed=4, chunk_size=300)
 # The fast path runs per-example gradients, the Adam direction and the projection in float32
@@ -125,7 +125,7 @@ def test_interrupted_extraction_resumes_byte_identical(setup, tmp_path, monkeypa
 
 def test_non_finite_and_unlabelled_examples_are_reported(setup, tmp_path, monkeypatch):
     root, pool, _, model_cfg, ckpts = setup
-    import qless.extract as ex
+    import qless.extraction as ex
 
     real = ex.PerExampleGradients.__call__
 
@@ -176,7 +176,7 @@ def test_nf4_extraction_agrees_in_rank_with_full_precision(setup, tmp_path):
     pytest.importorskip("bitsandbytes")
     from qless.errors import ModelError
     from qless.report import spearman
-    from qless.score import score
+    from qless.scoring import score
 
     root, pool, targets, model_cfg, ckpts = setup
     sets = {"pool": (pool, "pool"), "qa": (targets, "target")}

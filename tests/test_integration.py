@@ -12,7 +12,7 @@ import pytest
 from conftest import requires_assets, write_jsonl
 
 from qless.cli import main
-from qless.datastore import Datastore
+from qless.store import Datastore
 
 pytestmark = requires_assets
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from qless import gguf, models
 from qless.config import from_dict, to_dict
 from qless.errors import ConfigError, ModelError
+from qless.presets import preset_section
 from qless.models import (
-    ADAPTER_PRESETS,
     AdapterConfig,
     ModelConfig,
     adapter_identity,
@@ -127,11 +127,11 @@ def test_config_validation_and_presets():
     for bad in ({"r": 0}, {"alpha": 0.0}, {"dropout": 1.0}, {"target_modules": ()}):
         with pytest.raises(ConfigError):
             AdapterConfig(**bad)
-    assert AdapterConfig() == AdapterConfig.preset("qless") == AdapterConfig(64, 256.0, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj"))
-    assert (ADAPTER_PRESETS["less"].r, ADAPTER_PRESETS["less"].alpha) == (128, 512.0)
-    assert AdapterConfig.preset("cpu").r == 8
-    with pytest.raises(ConfigError, match="qless, less, cpu"):
-        AdapterConfig.preset("huge")
+    assert AdapterConfig() == AdapterConfig(64, 256.0, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert from_dict(AdapterConfig, preset_section("less", "adapter")) == AdapterConfig(r=128, alpha=512.0)
+    assert from_dict(AdapterConfig, preset_section("cpu", "adapter")).r == 8
+    with pytest.raises(ConfigError, match="paper, less, cpu"):
+        preset_section("huge", "adapter")
     cfg = ModelConfig(model="org/name", revision="v1", quantization="nf4", device="cuda:1")
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg
     assert from_dict(AdapterConfig, to_dict(CPU_ADAPTER)) == CPU_ADAPTER

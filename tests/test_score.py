@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import write_store
 
-from qless.datastore import Datastore
+from qless.store import Datastore
 from qless.errors import StoreMismatchError
 from qless.report import spearman, top_overlap
-from qless.score import (
+from qless.scoring import (
     ScoreConfig,
     aggregate_reference,
     influence_reference,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qless.errors import ConfigError, DataError
-from qless.select import SelectConfig, choose, rank, write_selection
+from qless.selection import SelectConfig, choose, rank, write_selection
 
 
 def test_rank_descending_ties_by_row_order_nan_left_out():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qless.data import load_examples
 from qless.errors import ConfigError
 from qless.models import AdapterConfig, ModelConfig
-from qless.warmup import WarmupConfig, draw_subset, read_checkpoints, warmup
+from qless.training import WarmupConfig, draw_subset, read_checkpoints, warmup
 
 ADAPTER = AdapterConfig(r=4, alpha=16, dropout=0.1)
 
@@ -71,7 +71,7 @@ def test_interrupted_warmup_resumes_exactly(tmp_path, tiny_model_dir, monkeypatc
     model_cfg = ModelConfig(model=str(tiny_model_dir))
     warmup(pool, tmp_path / "whole", _cfg(), model_cfg, ADAPTER, progress=False)
 
-    import qless.warmup as w
+    import qless.training as w
 
     real = w._micro_batches
     calls = {"n": 0}

@@ -2,19 +2,24 @@
 
 The pipeline, one module per stage::
 
-    data      load instruction data, render it, mask the loss to responses
-    embedded  the offline benchmark (pool, targets, eval sets) from asset packages
-    models    base model + LoRA adapter on a device (optionally 4/8-bit QLoRA base)
-    warmup    LoRA warmup training on a random p% of the pool, one checkpoint per epoch
-    gradients per-example LoRA gradients in one backward pass; the Adam direction
-    project   random projection R^d -> R^k generated from a seed in chunks
-    quantize  absmax / absmean 8-4-2 bit, sign 1 bit, fp16 / fp32; bit packing
-    extract   the stream gradient -> project -> quantize -> datastore, resumable
-    datastore the self-describing, memory-mapped gradient store
-    score     lr-weighted cosine influence, aggregated per target task
-    select    top p% (or random baseline) written in the pool's own format
-    report    plots: score distributions, selection composition, bit-width trade-off
-    pipeline  every stage from one config (`qless run`), and the demo
+    data        load instruction data, render it, mask the loss to responses
+    embedded    the offline benchmark (pool, targets, eval sets) from asset packages
+    models      base model + LoRA adapter on a device (optionally 4/8-bit QLoRA base)
+    training    LoRA warmup training on a random p% of the pool, one checkpoint per epoch
+    gradients   per-example LoRA gradients in one backward pass; the Adam direction
+    project/    random projection R^d -> R^k generated from a seed in chunks
+    quantize/   absmax / absmean 8-4-2 bit, sign 1 bit, fp16 / fp32; bit packing
+    extraction  the stream gradient -> project -> quantize -> store, resumable
+    store/      the self-describing, memory-mapped gradient datastore
+    scoring/    lr-weighted cosine influence, aggregated per target task
+    selection   top p% (or random baseline) written in the pool's own format
+    report      plots: score distributions, selection composition, bit-width trade-off
+    stages      one function per stage from files to files (the CLI and `qless run` call these)
+    pipeline    every stage from one config (`qless run`), and the demo
+
+The public API: the configs, one function per stage (``warmup``, ``extract``, ``score``,
+``select``, ``write_report``, ``run``, ``demo``, ``build_benchmark``) and the store
+(``Datastore``). Names are imported on first use, so ``import qless`` stays light.
 """
 
 from __future__ import annotations
@@ -24,51 +29,40 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "DataConfig": "qless.data",
-    "load_examples": "qless.data",
-    "tokenize_examples": "qless.data",
-    "BenchmarkConfig": "qless.embedded",
-    "build_benchmark": "qless.embedded",
-    "ModelConfig": "qless.models",
-    "AdapterConfig": "qless.models",
-    "load_model": "qless.models",
-    "WarmupConfig": "qless.warmup",
-    "warmup": "qless.warmup",
-    "read_checkpoints": "qless.warmup",
-    "PerExampleGradients": "qless.gradients",
-    "adam_direction": "qless.gradients",
-    "ExtractConfig": "qless.extract",
-    "extract": "qless.extract",
-    "ProjectionConfig": "qless.project",
-    "Projector": "qless.project",
-    "QuantizerSpec": "qless.quantize",
-    "quantize": "qless.quantize",
-    "dequantize": "qless.quantize",
-    "Datastore": "qless.datastore",
-    "ShardWriter": "qless.datastore",
-    "finalize": "qless.datastore",
-    "open_by_checkpoint": "qless.datastore",
-    "requantize": "qless.datastore",
-    "ScoreConfig": "qless.score",
-    "score": "qless.score",
-    "write_scores": "qless.score",
-    "read_scores": "qless.score",
-    "SelectConfig": "qless.select",
-    "choose": "qless.select",
-    "write_selection": "qless.select",
-    "write_report": "qless.report",
-    "RunConfig": "qless.pipeline",
-    "run": "qless.pipeline",
-    "demo": "qless.pipeline",
-    "QlessError": "qless.errors",
+_EXPORTS: dict[str, tuple[str, str]] = {
+    # configs
+    "BenchmarkConfig": ("qless.embedded", "BenchmarkConfig"),
+    "DataConfig": ("qless.data", "DataConfig"),
+    "ModelConfig": ("qless.models", "ModelConfig"),
+    "AdapterConfig": ("qless.models", "AdapterConfig"),
+    "WarmupConfig": ("qless.training", "WarmupConfig"),
+    "ProjectionConfig": ("qless.project", "ProjectionConfig"),
+    "ExtractConfig": ("qless.extraction", "ExtractConfig"),
+    "ScoreConfig": ("qless.scoring", "ScoreConfig"),
+    "SelectConfig": ("qless.selection", "SelectConfig"),
+    "RunConfig": ("qless.pipeline", "RunConfig"),
+    # one function per stage
+    "build_benchmark": ("qless.embedded", "build_benchmark"),
+    "warmup": ("qless.stages", "run_warmup"),
+    "extract": ("qless.stages", "run_extract"),
+    "score": ("qless.stages", "run_score"),
+    "select": ("qless.stages", "run_select"),
+    "write_report": ("qless.report", "write_report"),
+    "run": ("qless.pipeline", "run"),
+    "demo": ("qless.pipeline", "demo"),
+    # the store
+    "Datastore": ("qless.store", "Datastore"),
+    "QlessError": ("qless.errors", "QlessError"),
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so that `import qless` stays light (no transformers until needed).
+    # Imported on first use, so that `import qless` stays light (no torch or transformers until needed).
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, attr = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'qless' has no attribute {name!r}")

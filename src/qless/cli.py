@@ -36,18 +36,17 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, example: 
 def _preset_config(cls: type, section: str, ns: argparse.Namespace, prefix: str = "", base: object | None = None):
     """A stage config: the ``--preset`` section (or ``base``), then the user's flags."""
     from qless.config import from_dict
-    from qless.pipeline import PRESETS
+    from qless.presets import preset_section
 
     if base is None:
-        base = from_dict(cls, PRESETS[ns.preset].get(section, {}), f"preset {ns.preset}: {section}")
+        base = from_dict(cls, preset_section(ns.preset, section), f"preset {ns.preset}: {section}")
     return from_args(cls, ns, base, prefix=prefix)
 
 
 def _cmd_data_build(ns: argparse.Namespace) -> int:
-    from qless.embedded import PRESETS, build_benchmark
+    from qless.embedded import BenchmarkConfig, build_benchmark
 
-    cfg = from_args(type(PRESETS[ns.size]), ns, PRESETS[ns.size])
-    manifest = build_benchmark(ns.out, cfg)
+    manifest = build_benchmark(ns.out, _preset_config(BenchmarkConfig, "benchmark", ns))
     pool = manifest["pool"]
     kinds = ", ".join(f"{k} {n}" for k, n in pool["by_kind"].items())
     targets = ", ".join(f"{k} {v['rows']}" for k, v in manifest["targets"].items())
@@ -55,23 +54,14 @@ def _cmd_data_build(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _load_data(specs: Sequence[str], data_cfg) -> list:
-    from qless.data import load_examples
-
-    out = []
-    for spec in specs:
-        out += load_examples(spec, cfg=data_cfg)
-    return out
-
-
 def _cmd_warmup(ns: argparse.Namespace) -> int:
     from qless.data import DataConfig
     from qless.models import AdapterConfig, ModelConfig
-    from qless.warmup import WarmupConfig, warmup
+    from qless.stages import run_warmup
+    from qless.training import WarmupConfig
 
-    data_cfg = _preset_config(DataConfig, "data", ns)
-    ckpts = warmup(_load_data(ns.pool, data_cfg), ns.out, _preset_config(WarmupConfig, "warmup", ns),
-                   _preset_config(ModelConfig, "model", ns), _preset_config(AdapterConfig, "adapter", ns), data_cfg)
+    ckpts = run_warmup(ns.pool, ns.out, _preset_config(WarmupConfig, "warmup", ns), _preset_config(ModelConfig, "model", ns),
+                       _preset_config(AdapterConfig, "adapter", ns), _preset_config(DataConfig, "data", ns))
     for c in ckpts:
         print(f"{c.path}  epoch {c.epoch}  step {c.step}  lr {c.learning_rate:.3g}")
     return 0
@@ -82,21 +72,20 @@ def _cmd_extract(ns: argparse.Namespace) -> int:
 
     from qless.config import from_dict
     from qless.data import DataConfig
-    from qless.extract import ExtractConfig, extract
+    from qless.extraction import ExtractConfig
     from qless.models import ModelConfig
     from qless.project import ProjectionConfig
-    from qless.warmup import read_checkpoints
+    from qless.stages import run_extract
+    from qless.training import read_checkpoints
 
-    ckpts = read_checkpoints(ns.warmup)
+    read_checkpoints(ns.warmup)
     settings = json.loads((Path(ns.warmup) / "warmup.json").read_text())["settings"]
     # model and tokenization default to the warmup's own (flags override, e.g. --quantization nf4)
     model_cfg = _preset_config(ModelConfig, "model", ns, base=from_dict(ModelConfig, settings["model"]))
     data_cfg = _preset_config(DataConfig, "data", ns, base=from_dict(DataConfig, settings["data"]))
-    if ns.checkpoints:
-        ckpts = [c for c in ckpts if c.name in ns.checkpoints]
-    examples = _load_data(ns.data, data_cfg)
-    result = extract({ns.name: (examples, ns.kind)}, ckpts, ns.out, _preset_config(ExtractConfig, "extract", ns),
-                     _preset_config(ProjectionConfig, "projection", ns, prefix="projection"), model_cfg, data_cfg)
+    result = run_extract(ns.warmup, {ns.name: (ns.data, ns.kind)}, ns.out, _preset_config(ExtractConfig, "extract", ns),
+                         _preset_config(ProjectionConfig, "projection", ns, prefix="projection"), model=model_cfg,
+                         data=data_cfg, checkpoints=ns.checkpoints)
     for tag, paths in result[ns.name].items():
         print(f"{tag}: {', '.join(map(str, paths))}")
     return 0
@@ -139,57 +128,29 @@ def _print_summary(s: dict) -> None:
 
 
 def _cmd_score(ns: argparse.Namespace) -> int:
-    from qless.datastore import open_by_checkpoint
-    from qless.score import ScoreConfig, score, write_scores
+    from qless.scoring import ScoreConfig
+    from qless.stages import run_score
 
-    cfg = from_args(ScoreConfig, ns)
-    pool = open_by_checkpoint(ns.pool)
-    targets = open_by_checkpoint(ns.target)
-    result = score(pool, targets, cfg)
-    out = write_scores(ns.out, result, pool, targets, cfg)
-    agg = result.aggregate(cfg.aggregation)
-    print(f"scored {result.values.shape[0]} pool rows against {len(result.groups.subtasks)} subtasks "
-          f"of {len(agg)} task(s) over {len(result.checkpoints)} checkpoint(s) -> {out}")
+    info = run_score(ns.pool, ns.target, ns.out, from_args(ScoreConfig, ns))
+    print(f"scored {info['n_pool']} pool rows against {len(info['subtasks'])} subtasks "
+          f"of {len(info['tasks'])} task(s) over {len(info['checkpoints'])} checkpoint(s) -> {info['path']}")
     return 0
 
 
 def _cmd_select(ns: argparse.Namespace) -> int:
-    import numpy as np
-
-    from qless.score import read_scores
-    from qless.select import SelectConfig, choose, write_selection
+    from qless.selection import SelectConfig
+    from qless.stages import run_select
 
     cfg = from_args(SelectConfig, ns)
-    manifest, values, rows = read_scores(ns.scores)
-    tasks = manifest["tasks"]
-    if ns.task:
-        unknown = [t for t in ns.task if t not in tasks]
-        if unknown:
-            raise QlessError(f"task(s) {unknown} not in {ns.scores}; it scored {tasks}")
-        tasks = ns.task
-    records = _pool_records(ns.pool_data) if ns.pool_data else None
-    for task in tasks:
-        col = np.asarray(values[:, manifest["tasks"].index(task)])
-        picked = choose(col, cfg)
-        out = Path(ns.out) / task if len(tasks) > 1 else Path(ns.out)
-        summary = write_selection(out, picked, col, rows, cfg, records=records,
-                                  info={"task": task, "scores": str(ns.scores)})
+    summaries = run_select(ns.scores, ns.out, cfg, tasks=ns.task, pool_data=ns.pool_data)
+    for task, summary in summaries.items():
+        out = Path(ns.out) / task if len(summaries) > 1 else Path(ns.out)
         print(f"{task}: selected {summary['n_selected']} of {summary['n_pool']} rows ({cfg.method}) -> {out}")
     return 0
 
 
-def _pool_records(specs: Sequence[str]) -> dict[tuple[str, str], dict]:
-    from qless.data import DataConfig, load_examples
-
-    records: dict[tuple[str, str], dict] = {}
-    for spec in specs:
-        for ex in load_examples(spec, cfg=DataConfig(on_bad_record="skip")):
-            records[(ex.source, ex.id)] = dict(ex.record)
-    return records
-
-
 def _cmd_inspect(ns: argparse.Namespace) -> int:
-    from qless.datastore import open_by_checkpoint
+    from qless.store import open_by_checkpoint
 
     for store in open_by_checkpoint(ns.store, allow_incomplete=ns.allow_incomplete, allow_empty=True):
         s = store.summary()
@@ -222,8 +183,8 @@ def _human(n: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qless.score import ScoreConfig
-    from qless.select import SelectConfig
+    from qless.scoring import ScoreConfig
+    from qless.selection import SelectConfig
 
     parser = argparse.ArgumentParser(
         prog="qless",
@@ -234,20 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     from qless.data import DataConfig
-    from qless.embedded import PRESETS as BENCH_PRESETS
     from qless.embedded import BenchmarkConfig
-    from qless.extract import ExtractConfig
+    from qless.extraction import ExtractConfig
     from qless.models import AdapterConfig, ModelConfig
-    from qless.pipeline import PRESETS
+    from qless.presets import PRESETS
     from qless.project import ProjectionConfig
-    from qless.warmup import WarmupConfig
+    from qless.training import WarmupConfig
 
     p = _subcommand(sub, "data", "build the embedded benchmark (pool, targets, eval sets) from the asset packages",
-                    "qless data build --out bench --pool-size 6000")
+                    "qless data build --out bench --preset cpu")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     b = dsub.add_parser("build", help="build the embedded benchmark", description="build the embedded benchmark")
     b.add_argument("--out", required=True, help="folder for the benchmark")
-    b.add_argument("--size", choices=sorted(BENCH_PRESETS), default="default", help="preset sizes (default: default)")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="benchmark size under your flags: paper 6,000 pool examples, cpu 400 (default: paper)")
     add_arguments(b, BenchmarkConfig)
     _COMMANDS["data"] = _cmd_data_build
 

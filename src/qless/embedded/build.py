@@ -13,10 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +28,7 @@ from qless.embedded import assets, heldout, pool
 from qless.embedded.items import Item, check_disjoint, drop_overlapping, make_item
 from qless.embedded.templates import COT_TEMPLATES, FLAN_TEMPLATES
 from qless.errors import ConfigError, DataError
+from qless.files import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +84,6 @@ class BenchmarkConfig:
     def fractions(self) -> dict[str, float]:
         """Kind -> its share of the pool."""
         return {"flan": self.flan_fraction, "cot": self.cot_fraction, "chat": self.chat_fraction}
-
-
-PRESETS: dict[str, BenchmarkConfig] = {
-    "default": BenchmarkConfig(),
-    "tiny": BenchmarkConfig(pool_size=600),
-}
-"""Named configs: ``default`` (about 6,000 pool examples, LESS's mix) and ``tiny`` (tests, quick demos)."""
 
 
 def kind_quotas(pool_size: int, fractions: dict[str, float]) -> dict[str, int]:
@@ -183,18 +174,6 @@ def _check_destination(out: Path) -> None:
         )
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an earlier benchmark there."""
-    os.chmod(tmp, 0o755)
-    if out.exists():
-        old = tmp.with_name(tmp.name + ".old")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
-
-
 def write_benchmark(out: Path, files: dict[str, list[Item]], manifest: dict[str, Any]) -> None:
     """Write ``files`` (relative path -> rows) and ``manifest.json`` into ``out``, all or nothing.
 
@@ -203,16 +182,10 @@ def write_benchmark(out: Path, files: dict[str, list[Item]], manifest: dict[str,
     The manifest's ``files`` entry gets each file's row count and SHA-256.
     """
     _check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=True, what="the benchmark") as tmp:
         manifest["files"] = {rel: _write_jsonl(tmp / rel, items) for rel, items in files.items()}
         text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         (tmp / "manifest.json").write_text(text, encoding="utf-8")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _unavailable(bbh_upstream: str) -> list[dict[str, str]]:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from qless.config import option, to_dict
 from qless.data import DataConfig, Example, Tokenized, collate, tokenize_examples
-from qless.datastore import (
+from qless.store import (
     MANIFEST,
     STATE,
     Datastore,
@@ -47,7 +47,7 @@ from qless.gradients import PerExampleGradients, adam_direction
 from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, release_memory, set_adapter_weights
 from qless.project import ProjectionConfig, Projector
 from qless.quantize import QuantizerSpec, quantize
-from qless.warmup import Checkpoint
+from qless.training import Checkpoint
 
 log = logging.getLogger(__name__)
 

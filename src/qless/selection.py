@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ import numpy as np
 from qless import __version__
 from qless.config import option, to_dict
 from qless.errors import ConfigError, DataError
+from qless.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +107,7 @@ def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray,
         "min_selected_score": float(np.min(scores[picked])) if len(picked) else None,
         **dict(info or {}),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, what="the selection") as tmp:
         with open(tmp / "ranking.jsonl", "w") as f:
             for r, (i, (src, ex_id)) in enumerate(zip(picked, keys), start=1):
                 f.write(json.dumps({"rank": r, "source": src, "id": ex_id, "score": float(scores[i]), "row": int(i)}) + "\n")
@@ -121,9 +117,5 @@ def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray,
                     f.write(json.dumps(dict(records[k]), ensure_ascii=False) + "\n")
         (tmp / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
         (tmp / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("selected %d of %d rows into %s", len(keys), len(rows), out_dir)
     return summary

@@ -24,58 +24,24 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from qless.config import option
 from qless.errors import ConfigError
 
-ProjectionKind = Literal["rademacher", "gaussian"]
+if TYPE_CHECKING:
+    from qless.project import ProjectionConfig
 
 _M32 = 0xFFFFFFFF
 _C1 = 0x85EBCA6B
 _C2 = 0xC2B2AE35
 _GOLDEN = 0x9E3779B9
 _SEED_SALT = 0x243F6A88
-_KIND_TAG = {"rademacher": 0x52414445, "gaussian": 0x47415553}
+KIND_TAG = {"rademacher": 0x52414445, "gaussian": 0x47415553}
 
 if sys.byteorder != "little":  # the Rademacher fast path reads hash words byte by byte
     raise ImportError("qless.project assumes a little-endian machine")
-
-
-@dataclass(frozen=True)
-class ProjectionConfig:
-    """How gradients are projected. ``kind``, ``dim`` and ``seed`` define the matrix and are
-    checked when stores are combined; ``chunk_size`` and ``compute_dtype`` only trade speed."""
-
-    kind: ProjectionKind = option("rademacher", "random matrix entries: rademacher (+-1) or gaussian")
-    dim: int = option(8192, "projected dimension k")
-    seed: int = option(0, "seed of the projection matrix (the same seed gives the same matrix everywhere)")
-    chunk_size: int = option(512, "rows of R generated at a time (memory and speed only; never changes R)")
-    compute_dtype: Literal["float32", "bfloat16"] = option(
-        "float32",
-        "operand dtype of the projection matmul; bfloat16 is about 3x faster on CPUs with bf16 units "
-        "and adds about 0.3% relative error (much less than the projection's own ~1/sqrt(k))",
-    )
-
-    def __post_init__(self) -> None:
-        if self.kind not in _KIND_TAG:
-            raise ConfigError(f"projection.kind: {self.kind!r} is not one of {', '.join(_KIND_TAG)}")
-        if self.dim < 1:
-            raise ConfigError(f"projection.dim must be a positive integer, got {self.dim}")
-        if self.kind == "gaussian" and self.dim % 2:
-            raise ConfigError(f"projection.dim must be even for gaussian projections (Box-Muller pairs), got {self.dim}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"projection.seed must be in [0, 2^63), got {self.seed}")
-        if self.chunk_size < 1:
-            raise ConfigError(f"projection.chunk_size must be positive, got {self.chunk_size}")
-
-    def identity(self, input_dim: int) -> dict:
-        """The fields that define the matrix, as written into datastore manifests."""
-        return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "input_dim": int(input_dim)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +73,7 @@ def _fmix32_int(h: int) -> int:
 
 def seed_key(seed: int, kind: str) -> int:
     """32-bit key derived from the seed and the kind (so the two kinds draw unrelated streams)."""
-    return _fmix32_int(_fmix32_int((seed & _M32) ^ _SEED_SALT) ^ ((seed >> 32) & _M32) ^ _KIND_TAG[kind])
+    return _fmix32_int(_fmix32_int((seed & _M32) ^ _SEED_SALT) ^ ((seed >> 32) & _M32) ^ KIND_TAG[kind])
 
 
 def _row_keys(i0: int, i1: int, key: int, device: torch.device) -> torch.Tensor:
@@ -139,7 +105,7 @@ def _sign_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _SIGN_LUT_CACHE[key]
 
 
-def matrix_rows(cfg: ProjectionConfig, i0: int, i1: int, device: torch.device | str = "cpu",
+def matrix_rows(cfg: "ProjectionConfig", i0: int, i1: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unscaled rows ``i0..i1`` of R as a ``[i1 - i0, k]`` tensor (entries +-1 or N(0, 1))."""
     device = torch.device(device)
@@ -167,7 +133,7 @@ class Projector:
     sum of the blocks' projections is the projection of the whole row.
     """
 
-    def __init__(self, cfg: ProjectionConfig, input_dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: "ProjectionConfig", input_dim: int, device: torch.device | str = "cpu") -> None:
         if input_dim < 1:
             raise ConfigError(f"projection input dimension must be positive, got {input_dim}")
         self.cfg = cfg
@@ -196,44 +162,3 @@ class Projector:
     __call__ = project
 
 
-# ---------------------------------------------------------------------------------------------
-# Slow, obvious reference (numpy, uint64 arithmetic), for tests
-
-
-def _fmix32_np(h: np.ndarray) -> np.ndarray:
-    h = h.astype(np.uint64) & _M32
-    h ^= h >> np.uint64(16)
-    h = (h * np.uint64(_C1)) & np.uint64(_M32)
-    h ^= h >> np.uint64(13)
-    h = (h * np.uint64(_C2)) & np.uint64(_M32)
-    return h ^ (h >> np.uint64(16))
-
-
-def dense_reference(cfg: ProjectionConfig, input_dim: int, first_row: int = 0) -> np.ndarray:
-    """Rows ``first_row .. first_row + input_dim`` of the unscaled matrix R as a float64
-    ``[input_dim, k]`` array, computed entry by entry from the definition in this module's
-    docstring. Memory ``8 d k`` bytes: tests only."""
-    key = np.uint64(seed_key(cfg.seed, cfg.kind))
-    i = np.arange(first_row, first_row + input_dim, dtype=np.uint64)
-    r = _fmix32_np((_fmix32_np((i & np.uint64(_M32)) ^ key) + (i >> np.uint64(32))) & np.uint64(_M32))
-    j = np.arange(cfg.dim, dtype=np.uint64)
-    if cfg.kind == "rademacher":
-        w = j // np.uint64(32)
-        h = _fmix32_np((r[:, None] + w[None, :] * np.uint64(_GOLDEN)) & np.uint64(_M32))
-        bit = (h >> (j % np.uint64(32))[None, :]) & np.uint64(1)
-        return np.where(bit == 1, 1.0, -1.0)
-    p = j // np.uint64(2)
-    h1 = _fmix32_np((r[:, None] + (2 * p)[None, :] * np.uint64(_GOLDEN)) & np.uint64(_M32))
-    h2 = _fmix32_np((r[:, None] + (2 * p + 1)[None, :] * np.uint64(_GOLDEN)) & np.uint64(_M32))
-    u1 = (h1.astype(np.float64) + 0.5) / 2.0**32
-    u2 = h2.astype(np.float64) / 2.0**32
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = 2.0 * np.pi * u2
-    out = np.where((j % np.uint64(2) == 0)[None, :], radius * np.cos(angle), radius * np.sin(angle))
-    return out.astype(np.float32).astype(np.float64)
-
-
-def project_reference(cfg: ProjectionConfig, x: np.ndarray) -> np.ndarray:
-    """float64 ``x @ R / sqrt(k)`` with the dense reference matrix."""
-    x = np.asarray(x, dtype=np.float64)
-    return x @ dense_reference(cfg, x.shape[1]) / math.sqrt(cfg.dim)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -40,6 +38,7 @@ from qless import __version__
 from qless.config import option, to_dict
 from qless.data import IGNORE_INDEX, DataConfig, Example, Tokenized, collate, tokenize_examples
 from qless.errors import ConfigError, DataError, ModelError
+from qless.files import atomic_folder, atomic_write_json, dumps
 from qless.gradients import lora_parameters
 from qless.models import AdapterConfig, ModelConfig, adapter_identity, attach_lora, load_model, set_adapter_weights
 
@@ -140,22 +139,19 @@ def _save_checkpoint(model: Any, optimizer: torch.optim.Optimizer, params: list[
                      path: Path, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    flat = {}
-    for name, p in params:
-        state = optimizer.state.get(p, {})
-        flat[f"{name}.exp_avg"] = state["exp_avg"].detach().float().cpu().contiguous()
-        flat[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
-    save_file(flat, str(tmp / "optimizer.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng_state.safetensors"))  # dropout draws continue exactly on resume
-    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_folder(path, replace=True, what="the checkpoint") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        flat = {}
+        for name, p in params:
+            state = optimizer.state.get(p, {})
+            flat[f"{name}.exp_avg"] = state["exp_avg"].detach().float().cpu().contiguous()
+            flat[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
+        save_file(flat, str(tmp / "optimizer.safetensors"))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng_state.safetensors"))  # dropout draws continue exactly on resume
+        (tmp / "checkpoint.json").write_text(dumps(meta))
 
 
 def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[str, torch.nn.Parameter]], ckpt: Path) -> dict:
@@ -175,12 +171,6 @@ def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[st
         optimizer.state[p] = {"step": torch.tensor(float(meta["step"])), "exp_avg": m.to(p.device, p.dtype),
                               "exp_avg_sq": v.to(p.device, p.dtype)}
     return meta
-
-
-def _write_info(path: Path, info: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(),
@@ -219,7 +209,7 @@ def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = War
                     "model": model_identity, "adapter": adapter_identity(model), "subset_size": len(items),
                     "subset_skipped": [{"source": s.example.source, "id": s.example.id, "reason": s.reason} for s in skipped],
                     "steps_per_epoch": steps_per_epoch, "checkpoints": []}
-    _write_info(info_path, info)
+    atomic_write_json(info_path, info)
     (out_dir / "subset.jsonl").write_text("".join(json.dumps({"source": t.example.source, "id": t.example.id}) + "\n" for t in items))
     if done:
         meta = _restore(model, optimizer, params, out_dir / done[-1]["name"])
@@ -265,7 +255,7 @@ def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = War
         _save_checkpoint(model, optimizer, params, out_dir / name, meta)
         info["checkpoints"].append({"name": name, "epoch": epoch, "step": step, "learning_rate": meta["learning_rate"],
                                     "mean_loss": meta["mean_loss"]})
-        _write_info(info_path, info)
+        atomic_write_json(info_path, info)
         log.info("epoch %d: mean loss %.4f, mean lr %.3g, %.1f s -> %s", epoch, meta["mean_loss"], meta["learning_rate"],
                  meta["seconds"], out_dir / name)
     model.eval()

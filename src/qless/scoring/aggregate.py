@@ -1,0 +1,61 @@
+"""Target grouping, checkpoint weights and the aggregation of per-subtask scores into task scores.
+
+A target task has subtasks (its rows' ``subtask`` field; a task without one is its own single
+subtask). Per subtask the scores are averaged over its examples, then aggregated over subtasks
+by max (LESS, the default) or mean (the QLESS code). Checkpoints are weighted by their
+learning rates normalised to sum to one (``eta_i``), or uniformly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qless.errors import StoreError
+
+
+@dataclass
+class TargetGroups:
+    """The target rows' grouping: ``subtasks[j] = (task, subtask)``; ``row_group[r] = j``."""
+
+    subtasks: list[tuple[str, str]]
+    row_group: np.ndarray
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(t for t, _ in self.subtasks))
+
+    def columns(self, task: str) -> list[int]:
+        return [j for j, (t, _) in enumerate(self.subtasks) if t == task]
+
+
+def target_groups(rows: Sequence[dict[str, Any]]) -> TargetGroups:
+    """Group target rows by ``(source, subtask)`` in order of first appearance."""
+    index: dict[tuple[str, str], int] = {}
+    groups = np.empty(len(rows), dtype=np.int64)
+    for r, row in enumerate(rows):
+        key = (str(row["source"]), str(row.get("subtask") or row["source"]))
+        groups[r] = index.setdefault(key, len(index))
+    return TargetGroups(list(index), groups)
+
+
+def checkpoint_weights(learning_rates: Sequence[float], how: str = "lr") -> np.ndarray:
+    """Normalised weights ``eta_i`` of the checkpoints from their learning rates."""
+    if how == "uniform":
+        return np.full(len(learning_rates), 1.0 / len(learning_rates))
+    lrs = np.array(learning_rates, dtype=np.float64)
+    if not np.all(np.isfinite(lrs)) or np.any(lrs < 0) or lrs.sum() <= 0:
+        raise StoreError(f"checkpoint learning rates {lrs.tolist()} cannot be weights; use weights='uniform'")
+    return lrs / lrs.sum()
+
+
+def aggregate(values: np.ndarray, groups: TargetGroups, how: str = "max") -> dict[str, np.ndarray]:
+    """Task -> ``[n_pool]`` scores: the max or mean of the task's subtask columns of ``values``."""
+    out = {}
+    for task in groups.tasks:
+        cols = values[:, groups.columns(task)]
+        out[task] = cols.max(axis=1) if how == "max" else cols.mean(axis=1)
+    return out

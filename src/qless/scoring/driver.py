@@ -1,0 +1,180 @@
+"""Influence scores from datastores (QLESS eq. 7): the store driver around :mod:`qless.scoring.cosine`.
+
+``pool`` and ``targets`` hold one store per checkpoint, matched by checkpoint name. The
+target side is reduced to one mean vector per subtask and checkpoint; the pool is streamed in
+blocks straight from the packed store: decode a block, one matmul per checkpoint, memory
+bounded by the block size whatever the pool size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qless.config import option
+from qless.errors import ConfigError, StoreError, StoreMismatchError
+from qless.quantize import decode_codes
+from qless.scoring.aggregate import TargetGroups, aggregate, checkpoint_weights, target_groups
+from qless.scoring.cosine import block_scores, subtask_means
+from qless.store import SCORE_FIELDS, Datastore, require_same
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How pool rows are scored against target rows."""
+
+    aggregation: Literal["max", "mean"] = option("max", "over subtasks: max (LESS) or mean (the QLESS code)")
+    weights: Literal["lr", "uniform"] = option("lr", "checkpoint weights: normalised learning rates (the paper) or uniform")
+    block_rows: int = option(2048, "pool rows decoded at a time (bounds memory: 64 MiB of float32 at k = 8192)")
+    device: str = option("cpu", "device for decoding and matmuls: cpu, cuda or auto")
+
+    def __post_init__(self) -> None:
+        if self.block_rows < 1:
+            raise ConfigError(f"score.block_rows must be positive, got {self.block_rows}")
+
+
+@dataclass
+class Scores:
+    """Per-subtask influence ``values [n_pool, S]`` (NaN for rows missing at some checkpoint)."""
+
+    values: np.ndarray
+    groups: TargetGroups
+    weights: np.ndarray
+    checkpoints: list[str]
+
+    def aggregate(self, how: str = "max") -> dict[str, np.ndarray]:
+        """Task -> ``[n_pool]`` scores: max or mean over the task's subtasks."""
+        return aggregate(self.values, self.groups, how)
+
+
+def pair_checkpoints(pool: Sequence[Datastore], targets: Sequence[Datastore]) -> list[tuple[Datastore, Datastore]]:
+    """Match pool and target stores by checkpoint name and check they can be scored together."""
+    by_name = {}
+    for t in targets:
+        if t.checkpoint in by_name:
+            raise StoreMismatchError(f"two target stores for checkpoint {t.checkpoint!r}: {by_name[t.checkpoint].path} and {t.path}")
+        by_name[t.checkpoint] = t
+    names = [p.checkpoint for p in pool]
+    if len(set(names)) != len(names):
+        raise StoreMismatchError(f"pool stores repeat a checkpoint: {names}; give one store per checkpoint")
+    if set(names) != set(by_name):
+        raise StoreMismatchError(
+            f"pool checkpoints {sorted(names)} and target checkpoints {sorted(by_name)} differ; "
+            f"extract both sets at the same checkpoints"
+        )
+    pairs = []
+    for p in pool:
+        t = by_name[p.checkpoint]
+        require_same(p.manifest, t.manifest, SCORE_FIELDS, f"pool store {p.path}", f"target store {t.path}",
+                     "Pool and target gradients must come from the same model, adapter, checkpoint and projection.")
+        pairs.append((p, t))
+    return pairs
+
+
+def _row_keys(store: Datastore) -> list[tuple[str, str]]:
+    return [(str(r["source"]), str(r["id"])) for r in store.rows()]
+
+
+def rows_digest(store: Datastore) -> str:
+    """SHA-256 of a store's row table (the committed ``rows.jsonl`` of every shard, in order)."""
+    h = hashlib.sha256()
+    for shard in store.shards:
+        if shard.rows:
+            with open(shard.dir / "rows.jsonl", "rb") as f:
+                h.update(f.read(shard.rows_bytes))
+    return h.hexdigest()
+
+
+def align_rows(stores: Sequence[Datastore]) -> list[np.ndarray | None]:
+    """For each store, the position of each of its rows in the first store's order (``None``
+    when the row tables are identical). Rows absent from the first store get -1."""
+    ref = rows_digest(stores[0])
+    maps: list[np.ndarray | None] = [None]
+    ref_index: dict[tuple[str, str], int] | None = None
+    for s in stores[1:]:
+        if rows_digest(s) == ref:
+            maps.append(None)
+            continue
+        if ref_index is None:
+            ref_index = {key: i for i, key in enumerate(_row_keys(stores[0]))}
+        maps.append(np.array([ref_index.get(key, -1) for key in _row_keys(s)], dtype=np.int64))
+    return maps
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def subtask_vectors(store: Datastore, groups: TargetGroups, block_rows: int = 4096) -> torch.Tensor:
+    """``[k, S]`` float64: per subtask, the mean of its rows' normalised vectors."""
+    sums = torch.zeros(len(groups.subtasks), store.k, dtype=torch.float64)
+    counts = np.bincount(groups.row_group, minlength=len(groups.subtasks))
+    for first, codes, _ in store.blocks(block_rows):
+        x = decode_codes(torch.from_numpy(np.array(codes)), store.spec, store.k)
+        part, zero = subtask_means(x, torch.from_numpy(groups.row_group[first:first + len(x)]), len(groups.subtasks))
+        if bool(zero.any()):
+            bad = first + int(torch.nonzero(zero)[0])
+            raise StoreError(f"{store.path}: target row {bad} ({store.row(bad)}) has a zero gradient; it cannot define a direction")
+        sums += part
+    return (sums / torch.from_numpy(counts).to(torch.float64)[:, None]).T.contiguous()
+
+
+def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig = ScoreConfig(),
+          out: np.ndarray | None = None, progress: bool = True) -> Scores:
+    """Score every pool row against every target subtask (see the module docstring).
+
+    The pool stores' rows are reported in the first pool store's order. ``out`` may be a
+    preallocated (e.g. memory-mapped) ``[n_pool, S]`` float32 array."""
+    pairs = pair_checkpoints(pool, targets)
+    pool_stores = [p for p, _ in pairs]
+    target_stores = [t for _, t in pairs]
+    target_maps = align_rows(target_stores)
+    if any(m is not None for m in target_maps):
+        raise StoreMismatchError("target stores hold different rows at different checkpoints; extract the targets again")
+    groups = target_groups(list(target_stores[0].rows()))
+    weights = checkpoint_weights([p.learning_rate for p in pool_stores], cfg.weights)
+    maps = align_rows(pool_stores)
+    n = pool_stores[0].n_rows
+    values = out if out is not None else np.zeros((n, len(groups.subtasks)), dtype=np.float32)
+    values[...] = 0.0
+    seen = np.zeros(n, dtype=np.int64)
+    device = _device(cfg.device)
+    zero_rows = 0
+    total = sum(p.n_rows for p in pool_stores)
+    bar = tqdm(total=total, desc="scoring", unit="row", disable=not progress)
+    for (p, t), w, rowmap in zip(pairs, weights, maps):
+        m = (subtask_vectors(t, groups) * w).to(device=device, dtype=torch.float32)
+        for first, codes, _ in p.blocks(cfg.block_rows):
+            x = decode_codes(torch.from_numpy(np.array(codes)).to(device), p.spec, p.k)
+            contrib_t, zero = block_scores(x, m)
+            zero_rows += int(zero.sum())
+            contrib = contrib_t.cpu().numpy()
+            if rowmap is None:
+                values[first:first + len(contrib)] += contrib
+                seen[first:first + len(contrib)] += 1
+            else:
+                pos = rowmap[first:first + len(contrib)]
+                keep = pos >= 0
+                values[pos[keep]] += contrib[keep]
+                seen[pos[keep]] += 1
+            bar.update(len(contrib))
+    bar.close()
+    missing = seen != len(pairs)
+    if missing.any():
+        values[missing] = np.nan
+        log.warning("%d pool rows are missing from some checkpoint's store (skipped there); they get no score "
+                    "and are never selected", int(missing.sum()))
+    if zero_rows:
+        log.warning("%d pool rows had a zero gradient code vector; their contribution is 0", zero_rows)
+    return Scores(values, groups, weights, [p.checkpoint for p in pool_stores])

@@ -1,0 +1,51 @@
+"""Deriving stores from a float store: other formats, and the global scale mode of the QLESS code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qless.errors import StoreError
+from qless.files import atomic_folder
+from qless.quantize import QuantizerSpec, compute_scale, decode_codes, global_scale, quantize
+from qless.store.reader import Datastore
+from qless.store.writer import ShardWriter, finalize
+
+
+def requantize(src: Datastore, dst: str | Path, spec: QuantizerSpec, *, block_rows: int = 8192) -> Datastore:
+    """Write ``src`` (a float store) to ``dst`` in format ``spec``, computing a global scale
+    first when ``spec.scale == "global"``. Row table and shard structure are kept."""
+    if not src.spec.impl.lossless_source:
+        raise StoreError(f"{src.path}: requantizing needs a float (fp16/fp32) source store, not {src.spec.tag}")
+    dst = Path(dst)
+    if dst.exists():
+        raise StoreError(f"{dst}: already exists; choose a new folder for the requantized store")
+
+    def rows_of(codes: np.ndarray, scales: np.ndarray) -> torch.Tensor:
+        x = decode_codes(torch.from_numpy(np.array(codes)), src.spec, src.k)
+        return x * torch.from_numpy(np.array(scales))[:, None]
+
+    scale = None
+    if spec.scale == "global":
+        stats = torch.cat([compute_scale(rows_of(c, s), spec) for _, c, s in src.blocks(block_rows)])
+        scale = global_scale(stats, spec, src.k)
+    manifest = dict(src.manifest)
+    for key in ("shards", "rows", "complete"):
+        manifest.pop(key, None)
+    manifest["quantizer"] = {"method": spec.method, "bits": spec.bits, "scale": spec.scale}
+    manifest["row_bytes"] = spec.row_bytes(src.k)
+    manifest["extra"] = {**manifest.get("extra", {}), "requantized_from": str(src.path), "global_scale": scale}
+    with atomic_folder(dst, what="the requantized store") as tmp:
+        for shard in src.shards:
+            w = ShardWriter(tmp, manifest, shard.dir.name)
+            rows_text = (shard.dir / "rows.jsonl").read_bytes()[: shard.rows_bytes].splitlines()
+            for a in range(0, shard.rows, block_rows):
+                b = min(a + block_rows, shard.rows)
+                codes, scales = quantize(rows_of(shard.codes[a:b], shard.scales[a:b]), spec, scale)
+                w.append(codes, scales, [json.loads(t) for t in rows_text[a:b]], consumed=w.consumed + (b - a))
+            w.finish()
+        finalize(tmp)
+    return Datastore.open(dst)

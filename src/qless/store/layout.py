@@ -1,0 +1,169 @@
+"""The datastore's on-disk layout: its manifest and each shard's committed state.
+
+One store holds one checkpoint's gradients of one set of examples in one format::
+
+    STORE/
+      manifest.json            what the rows are: format version, projection (kind, seed, k, d),
+                               quantizer (method, bits, scale mode), checkpoint (name, learning
+                               rate), gradient kind, model, adapter and tokenization identity;
+                               once finalised also the row count and the shard list
+      shards/NAME/
+        codes.bin              rows x row_bytes packed codes (uint8), row-major
+        scales.bin             rows x float32 (little-endian): the scale S of each row
+        rows.jsonl             one JSON object per row: {"source", "id", ...}
+        skipped.jsonl          inputs left out of the store, with the reason
+        state.json             the committed position: rows, byte sizes, inputs consumed
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qless import __version__
+from qless.errors import StoreError, StoreMismatchError
+from qless.files import atomic_write_json
+from qless.quantize import QuantizerSpec
+
+FORMAT = "qless-datastore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+DATA_FILES = ("codes.bin", "scales.bin", "rows.jsonl", "skipped.jsonl")
+
+#: Manifest fields that must agree for two stores to be combined into one.
+COMBINE_FIELDS = ("format_version", "projection", "quantizer", "checkpoint", "gradient", "model", "adapter", "tokenization")
+#: Fields that must agree between pool and target stores of one checkpoint for scoring.
+SCORE_FIELDS = ("projection", "checkpoint", "model", "adapter")
+
+
+def new_manifest(
+    *,
+    projection: Mapping[str, Any],
+    quantizer: QuantizerSpec,
+    checkpoint: Mapping[str, Any],
+    gradient: str,
+    model: Mapping[str, Any] | None = None,
+    adapter: Mapping[str, Any] | None = None,
+    tokenization: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A manifest for a new store. ``projection`` is :meth:`ProjectionConfig.identity`;
+    ``checkpoint`` has ``name`` and ``learning_rate``; ``gradient`` is ``"adam"`` or ``"sgd"``."""
+    for key in ("kind", "dim", "seed", "input_dim"):
+        if key not in projection:
+            raise ValueError(f"projection identity lacks {key!r}")
+    if "name" not in checkpoint or "learning_rate" not in checkpoint:
+        raise ValueError("checkpoint needs 'name' and 'learning_rate'")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "projection": dict(projection),
+        "quantizer": {"method": quantizer.method, "bits": quantizer.bits, "scale": quantizer.scale},
+        "row_bytes": quantizer.row_bytes(int(projection["dim"])),
+        "checkpoint": {"name": str(checkpoint["name"]), "learning_rate": float(checkpoint["learning_rate"])},
+        "gradient": gradient,
+        "model": dict(model or {}),
+        "adapter": dict(adapter or {}),
+        "tokenization": dict(tokenization or {}),
+        "extra": dict(extra or {}),
+        "created_with": f"qless {__version__}",
+    }
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], fields: Sequence[str], prefix: str = "") -> list[str]:
+    """Dotted paths of the listed fields (recursively) where ``a`` and ``b`` differ."""
+    out: list[str] = []
+    for name in fields:
+        va, vb = a.get(name), b.get(name)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += differences(va, vb, sorted(set(va) | set(vb)), f"{prefix}{name}.")
+        elif va != vb:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _lookup(m: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        m = m.get(part) if isinstance(m, Mapping) else None  # type: ignore[assignment]
+    return m
+
+
+def require_same(a: Mapping[str, Any], b: Mapping[str, Any], fields: Sequence[str], what_a: str, what_b: str, fix: str) -> None:
+    """Raise StoreMismatchError naming the first differing field, both values and the fix."""
+    diff = differences(a, b, fields)
+    if diff:
+        first = diff[0]
+        more = f" (and {len(diff) - 1} more: {', '.join(diff[1:4])}{'...' if len(diff) > 4 else ''})" if len(diff) > 1 else ""
+        raise StoreMismatchError(
+            f"{what_a} and {what_b} differ in {first}: {_lookup(a, first)!r} vs {_lookup(b, first)!r}{more}. {fix}"
+        )
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and validate ``STORE/manifest.json``."""
+    mpath = Path(path) / MANIFEST
+    if not Path(path).is_dir():
+        raise StoreError(f"{path}: no such datastore directory; give the folder that holds {MANIFEST}")
+    if not mpath.is_file():
+        raise StoreError(f"{mpath}: manifest missing; this folder is not a qless datastore (or its write never started)")
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{mpath}: manifest is not valid JSON ({e}); the store is corrupt, re-run the extraction that wrote it") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{mpath}: not a qless datastore manifest (field 'format' must be {FORMAT!r})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{mpath}: format_version {m.get('format_version')!r} is not supported by qless {__version__} "
+            f"(it reads version {FORMAT_VERSION}); use the qless version that wrote it"
+        )
+    for key in ("projection", "quantizer", "row_bytes", "checkpoint", "gradient"):
+        if key not in m:
+            raise StoreError(f"{mpath}: field {key!r} missing; the manifest is corrupt, re-run the extraction that wrote it")
+    try:
+        spec = QuantizerSpec(**m["quantizer"])
+        k = int(m["projection"]["dim"])
+    except Exception as e:  # noqa: BLE001 - any malformed field is a corrupt manifest
+        raise StoreError(f"{mpath}: field 'quantizer' or 'projection' is invalid ({e})") from None
+    if spec.row_bytes(k) != m["row_bytes"]:
+        raise StoreError(f"{mpath}: row_bytes {m['row_bytes']} does not match {spec.tag} at k={k}; the manifest is corrupt")
+    return m
+
+
+def write_manifest(store: Path, manifest: Mapping[str, Any]) -> None:
+    """Replace ``STORE/manifest.json`` atomically."""
+    atomic_write_json(Path(store) / MANIFEST, dict(manifest))
+
+
+@dataclass
+class ShardState:
+    """A shard's committed position (``state.json``): rows and byte sizes of the data files that
+    count, inputs consumed, the running fingerprint of those inputs, and whether it is complete."""
+
+    rows: int = 0
+    rows_bytes: int = 0
+    skipped: int = 0
+    skipped_bytes: int = 0
+    consumed: int = 0
+    input_digest: str = ""
+    complete: bool = False
+
+    @classmethod
+    def read(cls, path: Path) -> ShardState:
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise StoreError(f"{path}: shard state unreadable ({e}); delete this shard folder and re-run its extraction") from None
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+    def sizes(self, row_bytes: int) -> dict[str, int]:
+        """Committed byte size of each data file."""
+        return {"codes.bin": self.rows * row_bytes, "scales.bin": self.rows * 4, "rows.jsonl": self.rows_bytes,
+                "skipped.jsonl": self.skipped_bytes}
