@@ -156,3 +156,45 @@ def toy_pool(n=24, seed=0):
         out.append({"dataset": ["flan", "chat", "cot"][i % 3], "id": f"ex{i}",
                     "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     return out
+
+
+def _mount_tmpfs(path, options):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written into: a read-only tmpfs when running as root (mode bits do
+    not bind root), else a folder of mode 0555."""
+    import os
+    import subprocess
+
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if not _mount_tmpfs(path, "ro,size=64k"):
+            pytest.skip("running as root without permission to mount a read-only tmpfs")
+        yield path
+        subprocess.run(["umount", "-l", str(path)], check=False)
+    else:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 64 KiB tmpfs, so that writes past it fail with ENOSPC (mounting needs root)."""
+    import subprocess
+
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    if not _mount_tmpfs(path, "size=64k"):
+        pytest.skip("mounting a small tmpfs needs root")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)

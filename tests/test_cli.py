@@ -121,3 +121,224 @@ def test_unknown_quantizer_exit_2(tmp_path, capsys):
     (tmp_path / "run.json").write_text(json.dumps({"pool": ["p.jsonl"], "targets": ["t.jsonl"],
                                                    "extract": {"formats": ["lloyd4"]}}))
     _expect_exit2(["run", str(tmp_path / "run.json")], capsys, "unknown method 'lloyd'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every stage on a tiny model through the CLI: hostile input, refusals, the environment failing
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory, tiny_model_dir):
+    """A finished one-epoch CLI warmup of a tiny Llama on a toy pool, with a target file."""
+    from conftest import toy_pool, write_jsonl
+
+    root = tmp_path_factory.mktemp("cli-stages")
+    write_jsonl(root / "pool.jsonl", toy_pool(12))
+    write_jsonl(root / "t.jsonl", [{"dataset": "qa", "id": f"t{i}", "subtask": f"s{i % 2}", "prompt": f"what is {i}",
+                                    "completion": " four"} for i in range(4)])
+    assert main(["warmup", "--pool", str(root / "pool.jsonl"), "--out", str(root / "w"), "--model", str(tiny_model_dir),
+                 "--preset", "cpu", "--r", "2", "--epochs", "1", "--percent", "50", "--batch-size", "4"]) == 0
+    return root
+
+
+def _extract_args(root, out, name="pool", kind="pool", data="pool.jsonl", *extra):
+    return ["extract", "--warmup", str(root / "w"), "--data", str(root / data), "--name", name, "--kind", kind,
+            "--out", str(out), "--formats", "fp32", "sign1", "--projection-dim", "64", "--preset", "cpu", *extra]
+
+
+def test_stage_outputs_in_a_read_only_folder_exit_2(warmed, tmp_path, read_only_dir, capsys):
+    _setup(tmp_path)
+    main(["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"), "--out", str(tmp_path / "s")])
+    for args in (["warmup", "--pool", str(warmed / "pool.jsonl"), "--out", str(read_only_dir / "w"), "--preset", "cpu",
+                  "--model", "unused-model-is-never-loaded"],
+                 _extract_args(warmed, read_only_dir / "g"),
+                 ["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+                  "--out", str(read_only_dir / "s")],
+                 ["select", "--scores", str(tmp_path / "s"), "--out", str(read_only_dir / "sel")]):
+        _expect_exit2(args, capsys, str(read_only_dir))
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_full_disk_exit_2_and_leaves_work_resumable(warmed, tmp_path, small_disk, capsys):
+    from qless.store import Datastore
+
+    # extraction: 8 KiB rows (fp32, k = 2048) overflow 64 KiB within the pool
+    args = _extract_args(warmed, small_disk / "g")
+    args[args.index("--projection-dim") + 1] = "2048"
+    err = _expect_exit2(args, capsys, "disk is full")
+    assert "Traceback" not in err
+    store = small_disk / "g" / "fp32" / "pool" / "checkpoint-1"
+    partial = Datastore.open(store, allow_incomplete=True, allow_empty=True)  # committed rows are intact
+    assert partial.n_rows < 12
+    # scoring: 2,000 pool rows x 20 subtasks of float32 do not fit either; nothing half-written is left
+    g = torch.Generator().manual_seed(0)
+    trows = [{"source": "t", "id": str(i), "subtask": f"s{i}"} for i in range(20)]
+    write_store(tmp_path / "p" / "c", torch.randn(2000, 64, generator=g), "sign1", checkpoint="c")
+    write_store(tmp_path / "t" / "c", torch.randn(20, 64, generator=g), "sign1", checkpoint="c", rows=trows)
+    _expect_exit2(["score", "--pool", str(tmp_path / "p"), "--target", str(tmp_path / "t"), "--out",
+                   str(small_disk / "s")], capsys, "disk is full")
+    assert not (small_disk / "s").exists() and not [p for p in small_disk.iterdir() if p.name.startswith(".s.")]
+
+
+def test_extract_never_trusts_remote_code_from_a_warmup_folder(warmed, tmp_path, monkeypatch, capsys):
+    """A warmup folder from elsewhere must not be able to make extraction run code."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(json.loads((warmed / "w" / "warmup.json").read_text())["settings"]["model"]["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "planted.PlantedLlama"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "planted.py").write_text("import os\nfrom transformers import LlamaForCausalLM\n"
+                                      "open(os.environ['QLESS_TEST_MARKER'], 'w').write('ran')\n"
+                                      "class PlantedLlama(LlamaForCausalLM):\n    pass\n")
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("QLESS_TEST_MARKER", str(marker))
+    shutil.copytree(warmed / "w", tmp_path / "w")
+    info = json.loads((tmp_path / "w" / "warmup.json").read_text())
+    info["settings"]["model"].update(model=str(model), trust_remote_code=True)
+    (tmp_path / "w" / "warmup.json").write_text(json.dumps(info))
+    args = _extract_args(warmed, tmp_path / "g")
+    args[args.index("--warmup") + 1] = str(tmp_path / "w")
+    assert main(args) == 0
+    assert not marker.exists(), "code from the model folder ran without the user's --trust-remote-code"
+    args[args.index("--out") + 1] = str(tmp_path / "g2")
+    assert main([*args, "--trust-remote-code"]) == 0
+    assert marker.exists(), "the user's own flag does enable it (so the check above can fail)"
+
+
+def test_absolute_checkpoint_name_in_warmup_json_refused(warmed, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(warmed / "w", tmp_path / "w")
+    info = json.loads((tmp_path / "w" / "warmup.json").read_text())
+    info["checkpoints"][0]["name"] = str(tmp_path / "elsewhere")
+    (tmp_path / "w" / "warmup.json").write_text(json.dumps(info))
+    args = _extract_args(warmed, tmp_path / "g")
+    args[args.index("--warmup") + 1] = str(tmp_path / "w")
+    _expect_exit2(args, capsys, "warmup.json", "cannot be used as a file or folder name")
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "g").exists()
+
+
+def test_unknown_checkpoint_is_named(warmed, tmp_path, capsys):
+    _expect_exit2(_extract_args(warmed, tmp_path / "g", "pool", "pool", "pool.jsonl", "--checkpoints", "checkpoint-9"),
+                  capsys, "checkpoint-9", "checkpoint-1")
+
+
+def test_damaged_artefacts_exit_2(warmed, tmp_path, capsys):
+    import shutil
+
+    # warmup.json that is not JSON
+    shutil.copytree(warmed / "w", tmp_path / "w")
+    (tmp_path / "w" / "warmup.json").write_text('{"format": "qless-warmup", ')
+    args = _extract_args(warmed, tmp_path / "g")
+    args[args.index("--warmup") + 1] = str(tmp_path / "w")
+    _expect_exit2(args, capsys, "warmup.json", "not valid JSON")
+    _setup(tmp_path)
+    store = tmp_path / "pool" / "epoch-1"
+    manifest = json.loads((store / "manifest.json").read_text())
+    # a manifest field of the wrong type
+    bad = {**manifest, "checkpoint": {"name": "epoch-1", "learning_rate": "fast"}}
+    (store / "manifest.json").write_text(json.dumps(bad))
+    _expect_exit2(["inspect", str(store)], capsys, "checkpoint.learning_rate", "finite number")
+    bad = {**manifest, "projection": {**manifest["projection"], "dim": "64"}}
+    (store / "manifest.json").write_text(json.dumps(bad))
+    _expect_exit2(["inspect", str(store)], capsys, "projection.dim", "positive integer")
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    # a garbled row table
+    rows = store / "shards" / "00000" / "rows.jsonl"
+    good_rows = rows.read_bytes()
+    rows.write_bytes(good_rows.replace(b'"source"', b'"sourcX"', 1))  # same length: the byte counts still agree
+    _expect_exit2(["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"), "--out",
+                   str(tmp_path / "s")], capsys, "rows.jsonl:1", "corrupt")
+    rows.write_bytes(good_rows)
+    # a corrupt shard state
+    state = store / "shards" / "00000" / "state.json"
+    good_state = state.read_text()
+    state.write_text(good_state.replace('"rows": 40', '"rows": "forty"'))
+    _expect_exit2(["inspect", str(store)], capsys, "state.json", "rows")
+    state.write_text("[1, 2]")
+    _expect_exit2(["inspect", str(store)], capsys, "state.json")
+    state.write_text(good_state)
+    # a scores folder missing a file
+    assert main(["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+                 "--out", str(tmp_path / "s")]) == 0
+    (tmp_path / "s" / "pool_rows.jsonl").unlink()
+    _expect_exit2(["select", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "sel")], capsys,
+                  "pool_rows.jsonl", "missing")
+    assert not (tmp_path / "sel").exists()
+
+
+def test_help_texts_render(capsys):
+    for command in ("extract", "warmup", "run", "score", "select", "report"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "option_strings" not in out and "%%" not in out, out
+    with pytest.raises(SystemExit):
+        main(["warmup", "--help"])
+    assert "random p% of the pool" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    assert "0.3% relative error" in " ".join(capsys.readouterr().out.split())
+
+
+def test_inspect_prints_the_model_readably(warmed, tmp_path, capsys):
+    assert main(_extract_args(warmed, tmp_path / "g")) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "g" / "sign1" / "pool" / "checkpoint-1")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("model")][0]
+    assert "{" not in line and "LlamaForCausalLM" in line and "float32" in line, line
+
+
+def test_flags_with_underscores_and_fraction_warning(tmp_path, capsys, caplog):
+    _setup(tmp_path)
+    assert main(["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+                 "--out", str(tmp_path / "s"), "--block_rows", "7"]) == 0
+    assert main(["select", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "sel"), "--percent", "0.05"]) == 0
+    assert "LESS's --percentage is a fraction" in caplog.text and "--percent 5" in caplog.text
+
+
+def _bar_and_log_output(tmp_path, capsys, monkeypatch, *flags):
+    import logging
+
+    import qless.scoring.driver as driver
+
+    real = driver.block_scores
+    calls = {"n": 0}
+
+    def logs_mid_bar(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            logging.getLogger("qless.scoring").warning("a message in the middle of the bar")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(driver, "block_scores", logs_mid_bar)
+    out = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+    assert main([*flags, "score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+                 "--out", str(out), "--block-rows", "5"]) == 0
+    return capsys.readouterr().err
+
+
+def test_progress_bars_can_be_silenced_and_logs_start_their_own_line(tmp_path, capsys, monkeypatch):
+    _setup(tmp_path)
+    err = _bar_and_log_output(tmp_path, capsys, monkeypatch)
+    assert "scoring" in err and "row/s" in err, "the bar is shown by default"
+    line = [seg for seg in err.replace("\r", "\n").split("\n") if "middle of the bar" in seg][0]
+    assert line.split(" ")[0].count(":") == 2, f"the log line is glued onto the bar: {line!r}"
+    assert "row/s" not in _bar_and_log_output(tmp_path, capsys, monkeypatch, "--quiet")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    err = _bar_and_log_output(tmp_path, capsys, monkeypatch)
+    assert "row/s" not in err and "middle of the bar" in err
+
+
+def test_public_api_gives_the_stage_functions():
+    import subprocess
+    import sys
+
+    code = ("import inspect, qless.cli, qless.pipeline, qless.stages\n"
+            "from qless import warmup, extract, score, select, run, Datastore, ScoreConfig\n"
+            "assert all(inspect.isfunction(f) for f in (warmup, extract, score, select, run)), (warmup, score)\n"
+            "import qless\nassert set(qless.__all__) >= {'warmup', 'extract', 'score', 'select', 'Datastore'}\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -212,3 +212,84 @@ def test_requantize_global_scale(tmp_path):
     assert list(out.rows()) == list(Datastore.open(tmp_path / "fp32").rows())
     with pytest.raises(StoreError, match="float"):
         requantize(out, tmp_path / "h", QuantizerSpec.parse("sign1"))
+
+
+def test_second_writer_of_a_shard_is_refused(tmp_path):
+    from qless.errors import BusyError
+
+    first = ShardWriter(tmp_path / "s", _manifest())
+    with pytest.raises(BusyError, match="shard 00000 .* another process"):
+        ShardWriter(tmp_path / "s", _manifest())
+    ShardWriter(tmp_path / "s", _manifest(), "00001").close()  # other shards are free
+    first.close()
+    ShardWriter(tmp_path / "s", _manifest()).close()  # and a released shard can be resumed
+
+
+def test_second_writer_process_is_refused(tmp_path):
+    """Two processes on one shard: the second exits with a BusyError, nothing interleaves."""
+    import subprocess
+    import sys
+
+    w = ShardWriter(tmp_path / "s", _manifest())
+    code = ("import json, sys; from qless.store import ShardWriter; from qless.errors import BusyError\n"
+            "m = json.load(open(sys.argv[1] + '/manifest.json'))\n"
+            "try:\n    ShardWriter(sys.argv[1], m)\nexcept BusyError:\n    sys.exit(3)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")]).returncode == 3
+    w.close()
+
+
+def test_finalised_store_refuses_writers_without_touching_it(tmp_path):
+    write_store(tmp_path / "s", _x(), "absmean4")
+    before = sorted(p.name for p in (tmp_path / "s" / "shards").iterdir())
+    with pytest.raises(StoreError, match="finalised"):
+        ShardWriter(tmp_path / "s", Datastore.open(tmp_path / "s").manifest, "00007")
+    assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == before
+    assert Datastore.open(tmp_path / "s").n_rows == 40  # still readable
+
+
+def test_finalize_checks_the_files_of_complete_shards(tmp_path):
+    w = ShardWriter(tmp_path / "s", _manifest())
+    codes, scales = quantize(_x(5), QuantizerSpec("absmean", 4))
+    w.append(codes, scales, [{"source": "p", "id": str(i)} for i in range(5)], consumed=5)
+    w.finish()
+    with open(tmp_path / "s" / "shards" / "00000" / "codes.bin", "ab") as f:
+        f.write(b"\0" * 32)  # a second writer's row that was never committed
+    with pytest.raises(StoreError, match="longer than committed"):
+        finalize(tmp_path / "s")
+
+
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path):
+    write_store(tmp_path / "s", _x(), "absmean4")
+    good = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for field, value in (("gradient", "adamw"), ("rows", -1), ("shards", "all"), ("complete", "yes"),
+                         ("warmup", {"checkpoints": "epoch-1"}), ("projection", [1, 2])):
+        (tmp_path / "s" / "manifest.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(StoreError, match=f"field '{field}"):
+            Datastore.open(tmp_path / "s")
+
+
+def test_garbled_row_table_names_file_and_line(tmp_path):
+    write_store(tmp_path / "s", _x(), "absmean4")
+    rows = tmp_path / "s" / "shards" / "00000" / "rows.jsonl"
+    text = rows.read_bytes().replace(b'"id": "7"', b'"id": 7!!', 1)  # same length
+    rows.write_bytes(text)
+    with pytest.raises(StoreError, match=r"rows\.jsonl:8: not valid JSON"):
+        list(Datastore.open(tmp_path / "s").rows())
+    with pytest.raises(StoreError, match=r"rows\.jsonl:8"):
+        Datastore.open(tmp_path / "s").row(7)
+
+
+def test_requantize_writes_beside_a_missing_destination_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    write_store(tmp_path / "fp32", _x(), "fp32")
+
+    real = tempfile.mkdtemp
+
+    def no_system_temp(*a, dir=None, **kw):
+        assert dir is not None, "a temporary folder on the system temp file system may not rename into place"
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_system_temp)
+    out = requantize(Datastore.open(tmp_path / "fp32"), tmp_path / "new" / "parents" / "g", QuantizerSpec.parse("sign1"))
+    assert out.n_rows == 40 and [p.name for p in (tmp_path / "new" / "parents").iterdir()] == ["g"]

@@ -78,7 +78,9 @@ def test_stores_equal_float64_reference(setup, tmp_path):
             ref = project_reference(PROJ, g.numpy())
             store = Datastore.open(tmp_path / "fp32" / set_name / ckpt.name)
             assert store.manifest["gradient"] == ("adam" if kind == "pool" else "sgd")
-            assert store.manifest["checkpoint"] == {"name": ckpt.name, "learning_rate": ckpt.learning_rate}
+            assert store.manifest["checkpoint"] == {"name": ckpt.name, "learning_rate": ckpt.learning_rate,
+                                                   "adapter_sha256": ckpt.adapter_sha256()}
+            assert store.manifest["warmup"] == {"checkpoints": [c.name for c in ckpts]}
             scales = np.concatenate([np.array(s) for _, _, s in store.blocks(100)])
             got = store.decoded(0, store.n_rows).double().numpy() * scales[:, None]
             err = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
@@ -227,3 +229,71 @@ def test_set_with_no_storable_example_is_an_error(setup, tmp_path):
     with pytest.raises(DataError, match="no example could be stored"):
         extract({"pool": (pool[:4], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, DataConfig(max_length=3),
                 progress=False)
+
+
+def test_finished_store_of_other_examples_is_never_reused(setup, tmp_path):
+    root, pool, _, model_cfg, ckpts = setup
+    extract({"pool": (pool[:10], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+    other = load_examples(write_jsonl(tmp_path / "other.jsonl", toy_pool(10, seed=5)))
+    with pytest.raises(StoreMismatchError, match="finished store of set 'pool' made from other input examples"):
+        extract({"pool": (other, "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+    edited = [*pool[:9], type(pool[9])(**{**pool[9].__dict__, "messages": (("user", "changed"), ("assistant", "x"))})]
+    with pytest.raises(StoreMismatchError, match="other input examples"):  # same ids, other content
+        extract({"pool": (edited, "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+    assert [r["id"] for r in Datastore.open(tmp_path / "fp32" / "pool" / "checkpoint-1").rows()] == [e.id for e in pool[:10]]
+
+
+def test_a_complete_store_is_checked_not_assumed(setup, tmp_path):
+    from qless.errors import StoreError
+
+    root, pool, _, model_cfg, ckpts = setup
+    extract({"pool": (pool[:6], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+    codes = next((tmp_path / "sign1" / "pool" / "checkpoint-1" / "shards").glob("*/codes.bin"))
+    with open(codes, "ab") as f:
+        f.write(b"\x01" * 16)  # rows that a second writer appended
+    with pytest.raises(StoreError, match="longer than committed"):
+        extract({"pool": (pool[:6], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+
+
+def test_a_second_extraction_into_the_same_shard_is_refused(setup, tmp_path):
+    from qless.errors import BusyError
+    from qless.files import hold_lock
+
+    root, pool, _, model_cfg, ckpts = setup
+    shards = tmp_path / "fp32" / "pool" / "checkpoint-1" / "shards"
+    shards.mkdir(parents=True)
+    held = hold_lock(shards / ".00000-of-00001.lock", "another extraction")  # as another process would
+    with pytest.raises(BusyError, match="being written by another process"):
+        extract({"pool": (pool[:4], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+    held.release()
+    extract({"pool": (pool[:4], "pool")}, ckpts[:1], tmp_path, _cfg(), PROJ, model_cfg, progress=False)
+
+
+def test_global_formats_with_several_shards(setup, tmp_path):
+    root, pool, _, model_cfg, ckpts = setup
+    cfg = dict(formats=("fp32", "absmean2-global"))
+    one = extract({"pool": (pool, "pool")}, ckpts[:1], tmp_path / "one", _cfg(**cfg), PROJ, model_cfg, progress=False)
+    first = extract({"pool": (pool, "pool")}, ckpts[:1], tmp_path / "two", _cfg(**cfg, shard_index=0, num_shards=2), PROJ,
+                    model_cfg, progress=False)
+    assert first["pool"]["absmean2-global"] == []  # not yet: the other shard is unfinished
+    last = extract({"pool": (pool, "pool")}, ckpts[:1], tmp_path / "two", _cfg(**cfg, shard_index=1, num_shards=2), PROJ,
+                   model_cfg, progress=False)
+    a = Datastore.open(one["pool"]["absmean2-global"][0])
+    b = Datastore.open(last["pool"]["absmean2-global"][0])
+    assert b.n_rows == a.n_rows == len(pool) and list(a.rows()) == list(b.rows())
+
+
+def test_extraction_needs_a_finished_warmup(setup, tmp_path):
+    import shutil
+
+    from qless.errors import ModelError
+    from qless.stages import run_extract
+
+    root, pool, _, model_cfg, ckpts = setup
+    shutil.copytree(root / "warmup", tmp_path / "w")
+    info = json.loads((tmp_path / "w" / "warmup.json").read_text())
+    info["checkpoints"] = info["checkpoints"][:1]  # as if killed during epoch 2
+    (tmp_path / "w" / "warmup.json").write_text(json.dumps(info))
+    with pytest.raises(ModelError, match="unfinished .1 of 2 epochs"):
+        run_extract(tmp_path / "w", {"pool": (pool, "pool")}, tmp_path / "g", _cfg(), PROJ, model=model_cfg,
+                    data=DataConfig(), progress=False)

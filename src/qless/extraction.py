@@ -19,6 +19,7 @@ in the store's ``skipped.jsonl`` instead of being stored.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,21 +28,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from qless.config import option, to_dict
-from qless.data import DataConfig, Example, Tokenized, collate, tokenize_examples
-from qless.store import (
-    MANIFEST,
-    STATE,
-    Datastore,
-    ShardWriter,
-    create_store,
-    finalize,
-    new_manifest,
-    read_manifest,
-    requantize,
-)
+from qless.config import Config, option, to_dict
+from qless.console import progress_bar
+from qless.data import DataConfig, Example, Tokenized, collate, examples_digest, tokenize_examples
+from qless.files import safe_name
+from qless.store import MANIFEST, ShardWriter, create_store, finalize, new_manifest, read_manifest
+from qless.store.derive import derive_once
+from qless.store.writer import complete_shard
 from qless.errors import ConfigError, DataError, ModelError, StoreMismatchError
 from qless.gradients import PerExampleGradients, adam_direction
 from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, release_memory, set_adapter_weights
@@ -55,8 +49,10 @@ DEFAULT_FORMATS = ("fp16", "absmax8", "absmean4", "absmean2", "sign1")
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Config):
     """How gradients are computed and stored (the projection has its own config)."""
+
+    section = "extract"
 
     formats: tuple[str, ...] = option(DEFAULT_FORMATS, "store formats written in one pass: fp32 fp16 absmax8/4/2 absmean8/4/2 "
                                       "sign1; '-global' variants (one scale per store) are derived from fp32")
@@ -67,7 +63,7 @@ class ExtractConfig:
     shard_index: int = option(0, "this process's shard (distributed extraction: one shard per process)")
     num_shards: int = option(1, "number of processes sharing the work; each takes a contiguous range")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.formats:
             raise ConfigError("extract.formats: give at least one format, e.g. absmean4")
         specs = [QuantizerSpec.parse(f) for f in self.formats]
@@ -91,19 +87,12 @@ class ExtractConfig:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
 
 
-def _ids_digest(examples: Sequence[Example]) -> bytes:
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(f"{ex.source}\x00{ex.id}\n".encode())
-    return h.digest()
-
-
 def _fingerprint(inputs: Sequence[Example], upto: int, chunk_size: int) -> Any:
-    """Running fingerprint of the first ``upto`` inputs: the chunk digests of their (source, id)
+    """Running fingerprint of the first ``upto`` inputs: the chunk digests of their content
     chained, so that each commit extends it by one chunk's hash."""
     h = hashlib.sha256()
     for c0 in range(0, upto, chunk_size):
-        h.update(_ids_digest(inputs[c0:min(c0 + chunk_size, upto)]))
+        h.update(bytes.fromhex(examples_digest(inputs[c0:min(c0 + chunk_size, upto)])))
     return h
 
 
@@ -127,10 +116,15 @@ class Extractor:
 
     def __init__(self, checkpoints: Sequence[Checkpoint], out_dir: str | Path, cfg: ExtractConfig = ExtractConfig(),
                  projection: ProjectionConfig = ProjectionConfig(), model_cfg: ModelConfig = ModelConfig(),
-                 data_cfg: DataConfig = DataConfig(), progress: bool = True) -> None:
+                 data_cfg: DataConfig = DataConfig(), progress: bool = True,
+                 warmup_checkpoints: Sequence[str] | None = None) -> None:
         if not checkpoints:
             raise ModelError("no warmup checkpoint given; run `qless warmup` first")
         self.checkpoints = list(checkpoints)
+        for c in self.checkpoints:
+            safe_name(c.name, "checkpoint name")
+        # every checkpoint of the warmup, which scoring will require (extract the others later)
+        self.warmup_checkpoints = list(warmup_checkpoints or [c.name for c in self.checkpoints])
         self.out_dir = Path(out_dir)
         self.cfg, self.projection, self.data_cfg, self.progress = cfg, projection, data_cfg, progress
         base, self.tokenizer, self.model_identity = load_model(model_cfg)
@@ -151,6 +145,7 @@ class Extractor:
         ``data_cfg``, default the extractor's); returns the stores by format."""
         if kind not in ("pool", "target"):
             raise ConfigError(f"kind must be 'pool' or 'target', got {kind!r}")
+        safe_name(name, "set name")
         data_cfg = data_cfg or self.data_cfg
         n, i, w = len(examples), self.cfg.shard_index, self.cfg.num_shards
         inputs = examples[n * i // w:n * (i + 1) // w]
@@ -162,16 +157,17 @@ class Extractor:
             if spec.scale == "global":
                 for src in out["fp32"]:
                     dst = self.out_dir / spec.tag / name / src.name
-                    if not (dst / MANIFEST).exists():
-                        requantize(Datastore.open(src), dst, spec)
-                    out[spec.tag].append(dst)
+                    if derive_once(src, dst, spec):
+                        out[spec.tag].append(dst)
+                    else:
+                        log.info("%s: derived once every shard of %s is finished (by the process finishing last)", dst, src)
         return out
 
     def _manifest(self, spec: QuantizerSpec, ckpt: Checkpoint, kind: str, name: str, data_cfg: DataConfig) -> dict[str, Any]:
         return new_manifest(
             projection=self.projection.identity(self.grads.dim), quantizer=spec,
-            checkpoint={"name": ckpt.name, "learning_rate": ckpt.learning_rate},
-            gradient="adam" if kind == "pool" else "sgd", model=self.model_identity, adapter=self.adapter_identity,
+            checkpoint={"name": ckpt.name, "learning_rate": ckpt.learning_rate, "adapter_sha256": ckpt.adapter_sha256()},
+            warmup_checkpoints=self.warmup_checkpoints, gradient="adam" if kind == "pool" else "sgd", model=self.model_identity, adapter=self.adapter_identity,
             tokenization={"template": data_cfg.template, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
             extra={"set": name, "extraction": {k: v for k, v in to_dict(self.cfg).items() if k not in ("formats", "shard_index")},
                    "projection_compute": {"chunk_size": self.projection.chunk_size, "dtype": self.projection.compute_dtype}},
@@ -183,17 +179,42 @@ class Extractor:
         paths = {s.tag: self.out_dir / s.tag / name / ckpt.name for s in specs}
         shard = self.cfg.shard_name
         manifests = {s.tag: self._manifest(s, ckpt, kind, name, data_cfg) for s in specs}
+        full = _fingerprint(inputs, len(inputs), self.cfg.chunk_size).hexdigest()
         done = set()
         for tag, path in paths.items():
-            if _shard_complete(path, shard):
-                create_store(path, manifests[tag])  # a finished store must still match this run's settings
+            if not (path / MANIFEST).exists():
+                continue
+            create_store(path, manifests[tag])  # an existing store must match this run's settings
+            state = complete_shard(path, shard)  # a complete shard is verified, not assumed
+            if state is not None:
+                if state.input_digest != full or state.consumed != len(inputs):
+                    raise StoreMismatchError(
+                        f"{path}: holds a finished store of set {name!r} made from other input examples than this "
+                        f"run's ({state.consumed} inputs, another fingerprint); write to a new output folder, or delete "
+                        "it to extract again")
                 done.add(tag)
         if len(done) == len(paths):
             log.info("set %s, %s: stores already complete", name, ckpt.name)
             for p in paths.values():
                 _try_finalize(p, self.cfg.num_shards)
             return paths
-        writers = {tag: ShardWriter(paths[tag], manifests[tag], shard) for tag in paths if tag not in done}
+        writers: dict[str, ShardWriter] = {}
+        try:
+            for tag in paths:
+                if tag not in done:
+                    writers[tag] = ShardWriter(paths[tag], manifests[tag], shard)
+            self._write(writers, name, inputs, kind, ckpt, data_cfg)
+        finally:
+            for w in writers.values():
+                w.close()
+        release_memory()
+        for p in paths.values():
+            _try_finalize(p, self.cfg.num_shards)
+        return paths
+
+    def _write(self, writers: dict[str, ShardWriter], name: str, inputs: Sequence[Example], kind: str, ckpt: Checkpoint,
+               data_cfg: DataConfig) -> None:
+        """Compute the rows each writer still lacks, chunk by chunk, and finish the writers."""
         for w in writers.values():
             if w.consumed % self.cfg.chunk_size and w.consumed != len(inputs):
                 raise StoreMismatchError(f"{w.dir}: {w.consumed} inputs committed, not a multiple of chunk_size "
@@ -206,7 +227,7 @@ class Extractor:
         start = min(w.consumed for w in writers.values())
         running = _fingerprint(inputs, start, self.cfg.chunk_size)
         n_skipped = 0
-        bar = tqdm(total=len(inputs), initial=start, desc=f"{name} {ckpt.name}", unit="ex", disable=not self.progress)
+        bar = progress_bar(total=len(inputs), initial=start, desc=f"{name} {ckpt.name}", unit="ex", enabled=self.progress)
         t0 = time.perf_counter()
         for c0 in range(start, len(inputs), self.cfg.chunk_size):
             chunk = inputs[c0:c0 + self.cfg.chunk_size]
@@ -218,7 +239,7 @@ class Extractor:
             skip = [{**_row(s.example), "reason": s.reason} for s in dropped]
             skip += [{**_row(items[i].example), "reason": bad[i]} for i in sorted(bad)]
             n_skipped += len(skip)
-            running.update(_ids_digest(chunk))
+            running.update(bytes.fromhex(examples_digest(chunk)))
             for tag, w in writers.items():
                 if w.consumed != c0:
                     continue
@@ -238,15 +259,9 @@ class Extractor:
                             f"raise max_length ({data_cfg.max_length}) or use truncation='left'")
         for w in writers.values():
             w.finish()
-        release_memory()
-        for p in paths.values():
-            _try_finalize(p, self.cfg.num_shards)
-        return paths
 
     def _moments(self, ckpt: Checkpoint) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """The checkpoint's Adam moments flattened in gradient order, and its Adam settings."""
-        import json
-
         stored = ckpt.moments()
         tag = f".{self.model.active_adapter}."
         ms, vs = [], []
@@ -308,19 +323,12 @@ def _row(ex: Example) -> dict[str, Any]:
     return row
 
 
-def _shard_complete(store: Path, shard: str) -> bool:
-    import json
-
-    state = store / "shards" / shard / STATE
-    return state.is_file() and bool(json.loads(state.read_text()).get("complete"))
-
-
 def _try_finalize(store: Path, num_shards: int) -> None:
     """Finalise the store once all ``num_shards`` shards are complete (any process may do it)."""
     if read_manifest(store).get("complete"):
         return
     shards = [d for d in (store / "shards").iterdir() if d.is_dir()]
-    if len(shards) == num_shards and all(_shard_complete(store, d.name) for d in shards):
+    if len(shards) == num_shards and all(complete_shard(store, d.name) is not None for d in shards):
         finalize(store)
     else:
         log.info("%s: waiting for the other shards before finalising", store)
@@ -329,10 +337,11 @@ def _try_finalize(store: Path, num_shards: int) -> None:
 def extract(sets: dict[str, tuple[Sequence[Example], Literal["pool", "target"]]], checkpoints: Sequence[Checkpoint],
             out_dir: str | Path, cfg: ExtractConfig = ExtractConfig(), projection: ProjectionConfig = ProjectionConfig(),
             model_cfg: ModelConfig = ModelConfig(), data_cfg: DataConfig = DataConfig(), *,
-            target_data_cfg: DataConfig | None = None, progress: bool = True) -> dict[str, dict[str, list[Path]]]:
+            target_data_cfg: DataConfig | None = None, progress: bool = True,
+            warmup_checkpoints: Sequence[str] | None = None) -> dict[str, dict[str, list[Path]]]:
     """Extract gradient stores for every ``name -> (examples, kind)`` set with one loaded model;
     returns ``{set: {format: [store per checkpoint]}}``. Target sets are tokenized with
     ``target_data_cfg`` when given. See the module docstring."""
-    ex = Extractor(checkpoints, out_dir, cfg, projection, model_cfg, data_cfg, progress)
+    ex = Extractor(checkpoints, out_dir, cfg, projection, model_cfg, data_cfg, progress, warmup_checkpoints)
     return {name: ex.run(name, examples, kind, target_data_cfg if kind == "target" else None)
             for name, (examples, kind) in sets.items()}

@@ -216,15 +216,16 @@ def atomic_folder(dest: str | Path, *, replace: bool = False, what: str = "the o
 # Locks
 
 
-def hold_lock(path: str | Path, what: str) -> Any:
-    """Take the exclusive lock file ``path`` now, or raise BusyError naming ``what``.
+def hold_lock(path: str | Path, what: str, wait: float = 0) -> Any:
+    """Take the exclusive lock file ``path`` (waiting up to ``wait`` seconds), or raise BusyError
+    naming ``what``.
 
     Returns the held lock; call ``.release()`` when done (the kernel releases it if the process
     dies, so a killed writer never blocks the next one)."""
     from filelock import FileLock, Timeout
 
     path = Path(path)
-    lock = FileLock(str(path), timeout=0, thread_local=False)
+    lock = FileLock(str(path), timeout=wait, thread_local=False)
     try:
         lock.acquire()
     except Timeout:
@@ -236,9 +237,9 @@ def hold_lock(path: str | Path, what: str) -> Any:
 
 
 @contextmanager
-def locked(path: str | Path, what: str) -> Iterator[None]:
+def locked(path: str | Path, what: str, wait: float = 0) -> Iterator[None]:
     """:func:`hold_lock` for the duration of a ``with`` block."""
-    lock = hold_lock(path, what)
+    lock = hold_lock(path, what, wait)
     try:
         yield
     finally:

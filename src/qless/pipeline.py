@@ -1,9 +1,9 @@
 """The whole pipeline from one config, and the embedded demo.
 
-``run(cfg)`` takes a :class:`RunConfig` (or ``qless run CONFIG.json``) and writes every stage
+``run(cfg)`` takes a :class:`RunConfig` (or ``qless run CONFIG.yaml``) and writes every stage
 under one run folder::
 
-    RUN/config.json                 the resolved configuration
+    RUN/config.json                 the resolved configuration of the latest run
     RUN/warmup/                     LoRA checkpoints with Adam moments (qless.training)
     RUN/grads/<format>/<set>/<ckpt> gradient datastores (qless.extraction)
     RUN/scores/<format>/            per-task influence scores, one folder per store format
@@ -12,7 +12,13 @@ under one run folder::
     RUN/report/                     plots and report.md
     RUN/summary.json
 
-Every stage skips work that is already complete, so re-running an interrupted run resumes it.
+Every stage checks what it finds against what it is asked for: finished work with the same
+inputs is reused, so re-running an interrupted run resumes it, and a run with new targets, another
+percentage or more formats reuses the warmup and every store it already has. Work that would
+silently change (a warmup of other settings or data, a store of other examples) is refused,
+naming the field that differs. Derived outputs (scores, selections, the report) are rebuilt
+when their inputs changed.
+
 ``demo()`` builds the embedded benchmark and runs the pipeline on the real SmolLM2-135M-Instruct
 with the ``cpu`` preset, sized for a laptop CPU.
 """
@@ -20,31 +26,41 @@ with the ``cpu`` preset, sized for a laptop CPU.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qless import presets
-from qless.config import from_dict, option, to_dict
-from qless.data import DataConfig, Example, load_examples
+from qless.config import Config, describe_differences, from_dict, merge, option, parse_overrides, read_config_file, to_dict
+from qless.data import DataConfig, Example
 from qless.errors import ConfigError
 from qless.extraction import ExtractConfig
+from qless.files import atomic_folder, atomic_write_json, locked, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
+from qless.quantize import QuantizerSpec
 from qless.scoring import ScoreConfig
 from qless.selection import SelectConfig
-from qless.stages import run_extract, run_score, run_warmup
+from qless.stages import load_data, run_extract, run_warmup, select_into
 from qless.training import WarmupConfig
 
 log = logging.getLogger(__name__)
 
+RESERVED_SETS = ("pool", "random")
+
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Config):
     """Everything a run needs. Stage sections use the stage configs' fields."""
+
+    section = "run"
 
     run_dir: str = option("runs/qless", "folder that receives every stage's output")
     pool: tuple[str, ...] = option((), "pool data: .jsonl/.json files, datasets folders or Hub dataset ids")
@@ -60,77 +76,73 @@ class RunConfig:
     select: SelectConfig = option(SelectConfig(), "selection", flag=False)
     select_format: str = option("absmean4", "the store format whose scores make the selection")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.pool:
             raise ConfigError("run: give the pool data (pool: [files...])")
         if not self.targets:
             raise ConfigError("run: give at least one target task file (targets: [files...])")
-        from qless.quantize import QuantizerSpec
-
         tags = [s.tag for s in self.extract.specs]
         if QuantizerSpec.parse(self.select_format).tag not in tags:
             raise ConfigError(f"run.select_format {self.select_format!r} is not among extract.formats {tags}")
 
 
-def load_run_config(path: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a JSON run config, layered over a preset (the file's ``preset`` key or ``preset``)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the run config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the run config must be a JSON object")
-    preset = data.pop("preset", None) or preset or "paper"
-    return build_run_config({**data, **(overrides or {})}, preset, where=f"{path}:")
+def load_run_config(path: str | Path | None = None, preset: str | None = None,
+                    overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """A run config from a JSON or YAML file, layered over a preset (``preset``, else the file's
+    ``preset`` key, else ``paper``), with ``SECTION.FIELD=VALUE`` overrides applied last."""
+    data = read_config_file(path) if path is not None else {}
+    file_preset = data.pop("preset", None)
+    over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
+    over_preset = over.pop("preset", None)
+    where = f"{path}:" if path is not None else "command line:"
+    return build_run_config(merge(data, over), over_preset or preset or file_preset or "paper", where=where)
 
 
-def build_run_config(data: dict[str, Any], preset: str = "paper", where: str = "config") -> RunConfig:
+def build_run_config(data: Mapping[str, Any], preset: Any = "paper", where: str = "config") -> RunConfig:
     """A RunConfig from a JSON-like dict layered over the named preset."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    layered: dict[str, Any] = {k: v for k, v in presets.preset(preset, where).items() if k in fields}
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(layered.get(key), dict):
-            layered[key] = {**layered[key], **value}
-        else:
-            layered[key] = value
-    return from_dict(RunConfig, layered, where)
+    layered = {k: v for k, v in presets.preset(preset, f"{where} preset").items() if k in fields}
+    return from_dict(RunConfig, merge(layered, dict(data)), where)
 
 
-def _load_sets(cfg: RunConfig) -> tuple[list[Example], dict[str, list[Example]]]:
-    pool: list[Example] = []
-    for spec in cfg.pool:
-        pool += load_examples(spec, cfg=cfg.data)
-    targets = {}
+def _target_sets(cfg: RunConfig) -> dict[str, str]:
+    """Target set name (its file's stem) -> data spec; names are checked as folder names."""
+    names: dict[str, str] = {}
     for spec in cfg.targets:
         name = Path(spec).stem if Path(spec).exists() else spec.replace("/", "_")
-        if name in targets or name == "pool":
-            raise ConfigError(f"two target sets are both named {name!r}; give the files distinct names")
-        targets[name] = load_examples(spec, cfg=cfg.target_data)
-    return pool, targets
+        safe_name(name, f"target set name (from {spec!r})")
+        if name in names or name in RESERVED_SETS:
+            raise ConfigError(f"targets: the set name {name!r} (from {spec!r}) is taken (by another target or "
+                              f"{'/'.join(RESERVED_SETS)}); give the files distinct names")
+        names[name] = spec
+    return names
 
 
-def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig | str | Path, *, progress: bool = True, source_groups: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the summary also written to ``RUN/summary.json``.
 
-    ``source_groups`` optionally maps pool sources to coarser groups for the report."""
-    from qless.quantize import QuantizerSpec
-    from qless.report import write_report
-    from qless.scoring import read_scores
-    from qless.selection import choose, write_selection
-
+    ``cfg`` is a RunConfig or the path of a JSON/YAML run config. ``source_groups`` optionally
+    maps pool sources to coarser groups for the report (kept in ``RUN/source_groups.json``)."""
+    if not isinstance(cfg, RunConfig):
+        cfg = load_run_config(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != to_dict(cfg):
-        raise ConfigError(f"{run_dir}: holds a run with another configuration ({saved}); use a new run_dir")
-    saved.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    timings: dict[str, float] = {}
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {str(run_dir)!r} is a file, not a folder; give a folder for the run's outputs")
+    with output_errors(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with locked(run_dir / ".run.lock", f"the run in {run_dir}"):
+            return _run(cfg, run_dir, progress, source_groups)
 
+
+def _run(cfg: RunConfig, run_dir: Path, progress: bool, source_groups: Mapping[str, str] | None) -> dict[str, Any]:
+    atomic_write_json(run_dir / "config.json", to_dict(cfg))
+    if source_groups is not None:
+        atomic_write_json(run_dir / "source_groups.json", dict(source_groups))
+    timings: dict[str, float] = {}
     t = time.perf_counter()
-    pool, targets = _load_sets(cfg)
+    target_specs = _target_sets(cfg)
+    pool = load_data(cfg.pool, cfg.data)
+    targets = {name: load_data([spec], cfg.target_data) for name, spec in target_specs.items()}
     log.info("pool: %d examples; targets: %s", len(pool), {k: len(v) for k, v in targets.items()})
     run_warmup(pool, run_dir / "warmup", cfg.warmup, cfg.model, cfg.adapter, cfg.data, progress=progress)
     release_memory()  # the warmup's model is gone; hand its memory back before extraction loads its own
@@ -145,51 +157,114 @@ def run(cfg: RunConfig, *, progress: bool = True, source_groups: dict[str, str] 
     timings["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores_dirs = {}
-    for spec in cfg.extract.specs:
-        out = run_dir / "scores" / spec.tag
-        if not (out / "manifest.json").exists():
-            run_score([grads / spec.tag / "pool"], [grads / spec.tag / name for name in targets], out, cfg.score,
-                      progress=progress)
-        scores_dirs[spec.tag] = out
+    scores_dirs = {spec.tag: _scores(grads, spec.tag, list(targets), run_dir / "scores" / spec.tag, cfg.score, progress)
+                   for spec in cfg.extract.specs}
     timings["score"] = time.perf_counter() - t
 
     primary = QuantizerSpec.parse(cfg.select_format).tag
-    manifest, values, rows = read_scores(scores_dirs[primary])
-    records = {(e.source, e.id): dict(e.record) for e in pool}
-    selections = {}
-    for j, task in enumerate(manifest["tasks"]):
-        out = run_dir / "selected" / task
-        if not (out / "selection.json").exists():
-            col = values[:, j]
-            write_selection(out, choose(col, cfg.select), col, rows, cfg.select, records=records,
-                            info={"task": task, "scores": str(scores_dirs[primary]), "format": primary})
-        selections[task] = out
-    random_dir = run_dir / "selected" / "random"
-    if not (random_dir / "selection.json").exists():
-        rcfg = replace(cfg.select, method="random")
-        col = values[:, 0]
-        write_selection(random_dir, choose(col, rcfg), col, rows, rcfg, records=records, info={"task": None})
-    report_dir = write_report(run_dir / "report", scores_dirs, primary, selections, random_dir, cfg.select.percent,
-                              cfg.projection.dim, source_groups)
-    summary = _summary(run_dir, grads, scores_dirs, selections, random_dir, report_dir, timings, len(pool), targets)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    selected = _selections(run_dir / "selected", scores_dirs[primary], primary, cfg.select, pool)
+    report_dir = run_report(run_dir)
+    summary = _summary(run_dir, grads, scores_dirs, selected, report_dir, timings, len(pool), targets, cfg.select)
+    atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
-def _summary(run_dir: Path, grads: Path, scores_dirs: dict[str, Path], selections: dict[str, Path], random_dir: Path,
-             report_dir: Path, timings: dict[str, float], n_pool: int, targets: dict[str, list[Example]]) -> dict[str, Any]:
+def _scores(grads: Path, tag: str, targets: list[str], out: Path, cfg: ScoreConfig, progress: bool) -> Path:
+    """The scores folder of one format: reused when computed from the same stores and settings."""
+    from qless.scoring import read_scores, score, scores_inputs, write_scores
+    from qless.store import open_by_checkpoint
+
+    pool_stores = open_by_checkpoint([grads / tag / "pool"])
+    target_stores = open_by_checkpoint([grads / tag / name for name in targets])
+    inputs = scores_inputs(pool_stores, target_stores, cfg)
+    if (out / "manifest.json").exists():
+        if read_scores(out)[0].get("inputs") == inputs:
+            return out
+        log.info("%s: the stores or settings changed since these scores were computed; computing them again", out)
+    write_scores(out, score(pool_stores, target_stores, cfg, progress=progress), pool_stores, target_stores, cfg,
+                 replace=True)
+    return out
+
+
+def _selections(out: Path, scores_dir: Path, primary: str, cfg: SelectConfig, pool: Sequence[Example]) -> dict[str, Any]:
+    """``RUN/selected``: one folder per task plus the random baseline, written as one folder.
+    Reused when made from the same scores with the same settings."""
+    scores_id = hashlib.sha256((scores_dir / "manifest.json").read_bytes()).hexdigest()
+    inputs = {"scores_manifest_sha256": scores_id, "format": primary, "select": to_dict(cfg)}
+    record = out / "inputs.json"
+    if record.is_file():
+        try:
+            if json.loads(record.read_text(encoding="utf-8")) == inputs:
+                return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # unreadable: rebuilt below
+        log.info("%s: the scores or selection settings changed; selecting again", out)
+    records = {(e.source, e.id): e.record for e in pool}
+    with atomic_folder(out, replace=True, what="the selections") as tmp:
+        tasks = select_into(tmp, scores_dir, cfg, records=records, info={"format": primary})
+        if "random" in tasks:
+            raise ConfigError("a target task is named 'random', which is the random baseline's folder; rename the "
+                              "targets' 'dataset' field")
+        random = _random_baseline(tmp / "random", scores_dir, cfg, records)
+        summary = {"tasks": {t: s["n_selected"] for t, s in tasks.items()}, "random": random["n_selected"],
+                   "percent": cfg.percent, "top_n": cfg.top_n, "format": primary}
+        atomic_write_json(tmp / "summary.json", summary)
+        atomic_write_json(tmp / "inputs.json", inputs)
+    return summary
+
+
+def _random_baseline(folder: Path, scores_dir: Path, cfg: SelectConfig, records: Mapping[tuple[str, str], Any]) -> dict:
+    """A seeded uniform draw of the same size among the rows that have scores (no task's scores rank it)."""
+    from qless.scoring import read_scores
+    from qless.selection import choose, write_selection_files
+
+    _, values, rows = read_scores(scores_dir)
+    scored = np.where(np.isnan(np.asarray(values)).any(axis=1), np.nan, 0.0)
+    rcfg = replace(cfg, method="random")
+    return write_selection_files(folder, choose(scored, rcfg), scored, rows, rcfg, records=records,
+                                 info={"task": None, "scores": str(scores_dir)})
+
+
+def run_report(run_dir: str | Path) -> Path:
+    """(Re)write ``RUN/report`` from a run folder's config, scores and selections."""
+    from qless.report import write_report
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir}: no config.json; give the folder of a `qless run` or `qless demo`")
+    try:
+        cfg = from_dict(RunConfig, json.loads(saved.read_text(encoding="utf-8")), f"{saved}:")
+        summary = json.loads((run_dir / "selected" / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run_dir}: the run is unfinished or damaged ({e}); run it (again) first") from None
+    groups_path = run_dir / "source_groups.json"
+    groups = json.loads(groups_path.read_text(encoding="utf-8")) if groups_path.is_file() else None
+    scores_dirs = {spec.tag: run_dir / "scores" / spec.tag for spec in cfg.extract.specs}
+    selections = {task: run_dir / "selected" / task for task in summary["tasks"]}
+    return write_report(run_dir / "report", scores_dirs, summary["format"], selections, run_dir / "selected" / "random",
+                        cfg.select.percent, cfg.projection.dim, groups)
+
+
+def _summary(run_dir: Path, grads: Path, scores_dirs: dict[str, Path], selected: Mapping[str, Any], report_dir: Path,
+             timings: dict[str, float], n_pool: int, targets: Mapping[str, list[Example]], cfg: SelectConfig) -> dict[str, Any]:
     sizes = {}
     for tag in scores_dirs:
         total = sum(p.stat().st_size for p in (grads / tag).rglob("*") if p.is_file() and p.name in ("codes.bin", "scales.bin"))
         sizes[tag] = total
-    selected = {task: json.loads((path / "counts.json").read_text()) for task, path in selections.items()}
+
+    def counts(folder: Path) -> dict[str, int]:
+        data = json.loads((folder / "counts.json").read_text(encoding="utf-8"))
+        return {src: c["selected"] for src, c in data.items() if c["selected"]}
+
     return {
         "run_dir": str(run_dir),
         "n_pool": n_pool,
         "targets": {name: len(ex) for name, ex in targets.items()},
-        "selected": {task: {src: c["selected"] for src, c in counts.items() if c["selected"]} for task, counts in selected.items()},
-        "random": {src: c["selected"] for src, c in json.loads((random_dir / "counts.json").read_text()).items() if c["selected"]},
+        "percent": cfg.percent,
+        "top_n": cfg.top_n,
+        "selected": {task: counts(run_dir / "selected" / task) for task in selected["tasks"]},
+        "random": counts(run_dir / "selected" / "random"),
         "store_bytes": sizes,
         "seconds": timings,
         "report": str(report_dir / "report.md"),
@@ -199,15 +274,18 @@ def _summary(run_dir: Path, grads: Path, scores_dirs: dict[str, Path], selection
 def demo(run_dir: str | Path = "runs/demo", pool_size: int = 400, seed: int = 0, *, progress: bool = True) -> dict[str, Any]:
     """Build the embedded benchmark (if needed) and run the CPU preset on SmolLM2-135M-Instruct."""
     from qless.embedded import BenchmarkConfig, build_benchmark
+    from qless.models import native_bfloat16, resolve_device
 
     run_dir = Path(run_dir)
     bench = run_dir / "benchmark"
+    wanted = BenchmarkConfig(seed=seed, pool_size=pool_size)
     if not (bench / "manifest.json").exists():
-        build_benchmark(bench, BenchmarkConfig(seed=seed, pool_size=pool_size))
-    elif json.loads((bench / "manifest.json").read_text())["config"]["pool_size"] != pool_size:
-        raise ConfigError(f"{bench}: was built with another pool size; use a new --run-dir")
-
-    from qless.models import native_bfloat16, resolve_device
+        build_benchmark(bench, wanted)
+    else:
+        built = json.loads((bench / "manifest.json").read_text(encoding="utf-8"))["config"]
+        if built != to_dict(wanted):
+            raise ConfigError(f"{bench}: was built with other settings ({describe_differences(built, to_dict(wanted))}); "
+                              "use a new --run-dir")
 
     # bfloat16 where the processor computes it natively (2-3x faster here), else float32
     fast = native_bfloat16(resolve_device("auto"))
@@ -222,5 +300,5 @@ def demo(run_dir: str | Path = "runs/demo", pool_size: int = 400, seed: int = 0,
         "projection": {"compute_dtype": dtype},
         "warmup": {"seed": seed},
     }, preset="cpu", where="demo")
-    sources = json.loads((bench / "manifest.json").read_text())["pool"]["sources"]
+    sources = json.loads((bench / "manifest.json").read_text(encoding="utf-8"))["pool"]["sources"]
     return run(cfg, progress=progress, source_groups={src: info["kind"] for src, info in sources.items()})

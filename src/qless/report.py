@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from qless.files import atomic_folder
 from qless.quantize import QuantizerSpec
 from qless.scoring import read_scores
 
@@ -43,10 +44,8 @@ def top_overlap(a: np.ndarray, b: np.ndarray, n: int) -> float:
 
 
 def _reference_format(formats: list[str]) -> str:
-    for tag in ("fp32", "fp16"):
-        if tag in formats:
-            return tag
-    return max(formats, key=lambda t: QuantizerSpec.parse(t).bits)
+    """The most exact format present: a float format before any quantized one, more bits first."""
+    return max(formats, key=lambda t: (QuantizerSpec.parse(t).impl.lossless_source, QuantizerSpec.parse(t).bits))
 
 
 def format_agreement(scores_dirs: Mapping[str, Path], percent: float, k: int) -> dict[str, Any]:
@@ -124,13 +123,20 @@ def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: 
 
     ``source_groups`` (optional) maps each pool source to a coarser group (e.g. flan / cot /
     chat), for one more composition table and plot at that level."""
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir, replace=True, what="the report") as tmp:
+        _write_report(tmp, scores_dirs, primary, selections, random_selection, percent, k, source_groups)
+    log.info("report written to %s", out_dir / "report.md")
+    return out_dir
+
+
+def _write_report(out_dir: Path, scores_dirs: Mapping[str, Path], primary: str, selections: Mapping[str, Path],
+                  random_selection: Path | None, percent: float, k: int, source_groups: Mapping[str, str] | None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest, values, rows = read_scores(scores_dirs[primary])
     sources = np.array([str(r["source"]) for r in rows])
     pool_counts = Counter(sources.tolist())
@@ -198,5 +204,4 @@ def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: 
         md.append("")
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("report written to %s", out_dir / "report.md")
     return out_dir

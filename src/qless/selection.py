@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qless import __version__
-from qless.config import option, to_dict
+from qless.config import Config, option, to_dict
 from qless.errors import ConfigError, DataError
 from qless.files import atomic_folder
 
@@ -33,15 +33,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SelectConfig:
+class SelectConfig(Config):
     """How many rows to keep and how to pick them."""
+
+    section = "select"
 
     percent: float = option(5.0, "keep the top PERCENT of the pool (the paper: 5; 0.5 already recovers most of the gain)")
     top_n: int = option(0, "keep exactly this many rows instead of a percentage (0: use percent)")
     method: Literal["top", "random"] = option("top", "top-scoring rows, or a uniform random baseline of the same size")
     seed: int = option(0, "seed of the random baseline")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.top_n < 0:
             raise ConfigError(f"select.top_n must be >= 0, got {self.top_n}")
         if not self.top_n and not 0 < self.percent <= 100:
@@ -76,13 +78,26 @@ def choose(scores: np.ndarray, cfg: SelectConfig) -> np.ndarray:
 def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray, rows: Sequence[Mapping[str, Any]],
                     cfg: SelectConfig, *, records: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                     info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write the selection files (module docstring) atomically and return ``selection.json``'s content.
+    """Write the selection files (module docstring) into a new folder, all or none, and return
+    ``selection.json``'s content.
 
     ``rows[i]`` is pool row ``i``'s ``{"source", "id"}``; ``records`` maps ``(source, id)`` to the
     original pool record, to write ``selected.jsonl``."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"{out_dir}: already exists; choose a new output folder for the selection")
+    with atomic_folder(out_dir, what="the selection") as tmp:
+        summary = write_selection_files(tmp, picked, scores, rows, cfg, records=records, info=info)
+    log.info("selected %d of %d rows into %s", summary["n_selected"], len(rows), out_dir)
+    return summary
+
+
+def write_selection_files(folder: Path, picked: np.ndarray, scores: np.ndarray, rows: Sequence[Mapping[str, Any]],
+                          cfg: SelectConfig, *, records: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                          info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The files of :func:`write_selection` written into ``folder`` (created; the caller makes it atomic).
+
+    A random baseline's ranking carries no score (``null``): it was not chosen by any task's."""
     keys = [(str(rows[i]["source"]), str(rows[i]["id"])) for i in picked]
     if records is not None:
         missing = [k for k in keys if k not in records]
@@ -98,24 +113,25 @@ def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray,
               "share_of_selection": sel_counts.get(src, 0) / len(keys), "share_of_pool": pool_counts[src] / len(rows)}
         for src in sorted(pool_counts)
     }
+    scored = cfg.method == "top"
     summary = {
         "format": "qless-selection",
         "created_with": f"qless {__version__}",
         "config": to_dict(cfg),
         "n_pool": len(rows),
         "n_selected": len(keys),
-        "min_selected_score": float(np.min(scores[picked])) if len(picked) else None,
+        "min_selected_score": float(np.min(scores[picked])) if scored and len(picked) else None,
         **dict(info or {}),
     }
-    with atomic_folder(out_dir, what="the selection") as tmp:
-        with open(tmp / "ranking.jsonl", "w") as f:
-            for r, (i, (src, ex_id)) in enumerate(zip(picked, keys), start=1):
-                f.write(json.dumps({"rank": r, "source": src, "id": ex_id, "score": float(scores[i]), "row": int(i)}) + "\n")
-        if records is not None:
-            with open(tmp / "selected.jsonl", "w") as f:
-                for k in keys:
-                    f.write(json.dumps(dict(records[k]), ensure_ascii=False) + "\n")
-        (tmp / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
-        (tmp / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("selected %d of %d rows into %s", len(keys), len(rows), out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "ranking.jsonl", "w") as f:
+        for r, (i, (src, ex_id)) in enumerate(zip(picked, keys), start=1):
+            score = float(scores[i]) if scored else None
+            f.write(json.dumps({"rank": r, "source": src, "id": ex_id, "score": score, "row": int(i)}) + "\n")
+    if records is not None:
+        with open(folder / "selected.jsonl", "w") as f:
+            for k in keys:
+                f.write(json.dumps(dict(records[k]), ensure_ascii=False) + "\n")
+    (folder / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
+    (folder / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

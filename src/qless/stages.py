@@ -20,15 +20,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qless.config import from_dict
 from qless.data import DataConfig, Example, load_examples
-from qless.errors import QlessError
+from qless.files import atomic_folder, output_errors, safe_name
+from qless.errors import ConfigError
 from qless.extraction import ExtractConfig, extract
 from qless.models import AdapterConfig, ModelConfig
 from qless.project import ProjectionConfig
 from qless.scoring import ScoreConfig, read_scores, score, write_scores
-from qless.selection import SelectConfig, choose, write_selection
+from qless.selection import SelectConfig, choose, write_selection_files
 from qless.store import open_by_checkpoint
-from qless.training import Checkpoint, WarmupConfig, read_checkpoints, warmup
+from qless.training import Checkpoint, WarmupConfig, read_checkpoints, read_warmup, warmup
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,10 @@ def run_warmup(pool: Sequence[DataSpec] | Sequence[Example], out: str | Path, cf
                model: ModelConfig = ModelConfig(), adapter: AdapterConfig = AdapterConfig(),
                data: DataConfig = DataConfig(), *, progress: bool = True) -> list[Checkpoint]:
     """LoRA warmup on a random ``cfg.percent`` of the pool; one checkpoint per epoch in ``out``."""
-    return warmup(load_data(pool, data), out, cfg, model, adapter, data, progress=progress)
+    check_percent(cfg.percent, "warmup")
+    examples = load_data(pool, data)
+    with output_errors(out):
+        return warmup(examples, out, cfg, model, adapter, data, progress=progress)
 
 
 def run_extract(warmup_dir: str | Path, sets: Mapping[str, SetSpec], out: str | Path,
@@ -57,12 +62,19 @@ def run_extract(warmup_dir: str | Path, sets: Mapping[str, SetSpec], out: str | 
                 checkpoints: Sequence[str] | None = None, progress: bool = True) -> dict[str, dict[str, list[Path]]]:
     """Gradient stores of every ``name -> (data, kind)`` set at the warmup's checkpoints:
     ``{set: {format: [store per checkpoint]}}``. ``target_data`` tokenizes the target sets."""
-    ckpts = read_checkpoints(warmup_dir)
+    every = read_checkpoints(warmup_dir, finished=True)
+    ckpts = every
     if checkpoints:
-        ckpts = [c for c in ckpts if c.name in checkpoints]
+        unknown = [c for c in checkpoints if c not in {k.name for k in every}]
+        if unknown:
+            raise ConfigError(f"--checkpoints: {', '.join(unknown)} not in {warmup_dir}, which has "
+                              f"{', '.join(k.name for k in every)}")
+        ckpts = [c for c in every if c.name in checkpoints]
     loaded = {name: (load_data(specs, target_data or data if kind == "target" else data), kind)
               for name, (specs, kind) in sets.items()}
-    return extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data, progress=progress)
+    with output_errors(out):
+        return extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data, progress=progress,
+                       warmup_checkpoints=[c.name for c in every])
 
 
 def run_score(pool: Sequence[str | Path], targets: Sequence[str | Path], out: str | Path,
@@ -71,8 +83,11 @@ def run_score(pool: Sequence[str | Path], targets: Sequence[str | Path], out: st
     returns its manifest (tasks, subtasks, checkpoints, n_pool) with ``path``."""
     pool_stores = open_by_checkpoint(pool)
     target_stores = open_by_checkpoint(targets)
+    if Path(out).exists():
+        raise ConfigError(f"{out}: already exists; choose a new output folder for the scores")
     result = score(pool_stores, target_stores, cfg, progress=progress)
-    path = write_scores(out, result, pool_stores, target_stores, cfg)
+    with output_errors(out):
+        path = write_scores(out, result, pool_stores, target_stores, cfg)
     manifest, _, _ = read_scores(path)
     return {**manifest, "path": str(path)}
 
@@ -85,19 +100,49 @@ def pool_records(pool_data: Sequence[DataSpec] | Sequence[Example]) -> dict[tupl
 def run_select(scores: str | Path, out: str | Path, cfg: SelectConfig = SelectConfig(), *,
                tasks: Sequence[str] | None = None, pool_data: Sequence[DataSpec] | Sequence[Example] | None = None,
                ) -> dict[str, dict[str, Any]]:
-    """Select from a scores folder for each task (default: every scored task) into ``out``
-    (``out/<task>`` when several); returns each task's ``selection.json`` content."""
+    """Select from a scores folder for each task (default: every scored task) into the new folder
+    ``out`` (``out/<task>`` when several), all tasks or none; returns each task's ``selection.json``."""
+    records = pool_records(pool_data) if pool_data is not None else None
+    with output_errors(out), atomic_folder(out, what="the selection") as tmp:
+        return select_into(tmp, scores, cfg, tasks=tasks, records=records, flat=True)
+
+
+def select_into(folder: Path, scores: str | Path, cfg: SelectConfig, *, tasks: Sequence[str] | None = None,
+                records: Mapping[tuple[str, str], Mapping[str, Any]] | None = None, flat: bool = False,
+                info: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Write one selection per task into ``folder/<task>`` (straight into ``folder`` when
+    ``flat`` and there is one task); the caller makes ``folder`` appear atomically."""
     manifest, values, rows = read_scores(scores)
     chosen = list(tasks or manifest["tasks"])
     unknown = [t for t in chosen if t not in manifest["tasks"]]
     if unknown:
-        raise QlessError(f"task(s) {unknown} not in {scores}; it scored {manifest['tasks']}")
-    records = pool_records(pool_data) if pool_data is not None else None
-    out = Path(out)
+        raise ConfigError(f"task(s) {unknown} not in {scores}; it scored {manifest['tasks']}")
+    for task in chosen:
+        safe_name(task, "target task name (the targets' 'dataset' field, or their file name)")
+    if not cfg.top_n:
+        check_percent(cfg.percent, "select")
     summaries = {}
     for task in chosen:
         col = np.asarray(values[:, manifest["tasks"].index(task)])
-        dest = out / task if len(chosen) > 1 else out
-        summaries[task] = write_selection(dest, choose(col, cfg), col, rows, cfg, records=records,
-                                          info={"task": task, "scores": str(scores)})
+        dest = folder if flat and len(chosen) == 1 else folder / task
+        summaries[task] = write_selection_files(dest, choose(col, cfg), col, rows, cfg, records=records,
+                                                info={"task": task, "scores": str(scores), **dict(info or {})})
     return summaries
+
+
+def check_percent(percent: float, what: str) -> None:
+    """Warn when a percentage looks like LESS's fraction (its ``--percentage 0.05`` meant 5%)."""
+    if percent < 1:
+        log.warning("%s: percent %g means %g%% of the pool, not %g%%; LESS's --percentage is a fraction "
+                    "(0.05 = 5%%): for 5%% pass --percent 5", what, percent, percent, percent * 100)
+
+
+def warmup_defaults(warmup_dir: str | Path) -> tuple[ModelConfig, DataConfig]:
+    """The model and tokenization of a warmup, as defaults for extracting at its checkpoints.
+
+    Never ``trust_remote_code``: a setting that can run code comes from the user's own flags or
+    config, not from a folder that may come from elsewhere."""
+    where = f"{Path(warmup_dir) / 'warmup.json'}: settings"
+    settings = read_warmup(warmup_dir)["settings"]
+    model = from_dict(ModelConfig, {**settings["model"], "trust_remote_code": False}, f"{where}.model")
+    return model, from_dict(DataConfig, settings["data"], f"{where}.data")

@@ -20,6 +20,7 @@ position and data order restored), repeating no finished epoch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,13 +33,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qless import __version__
-from qless.config import option, to_dict
-from qless.data import IGNORE_INDEX, DataConfig, Example, Tokenized, collate, tokenize_examples
-from qless.errors import ConfigError, DataError, ModelError
-from qless.files import atomic_folder, atomic_write_json, dumps
+from qless.config import Config, describe_differences, option, to_dict
+from qless.console import progress_bar
+from qless.data import IGNORE_INDEX, DataConfig, Example, Tokenized, collate, examples_digest, tokenize_examples
+from qless.errors import ConfigError, DataError, ModelError, StoreError
+from qless.files import atomic_folder, atomic_write_json, dumps, locked, safe_name
 from qless.gradients import lora_parameters
 from qless.models import AdapterConfig, ModelConfig, adapter_identity, attach_lora, load_model, set_adapter_weights
 
@@ -46,8 +47,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WarmupConfig:
+class WarmupConfig(Config):
     """Warmup training settings; the defaults are the QLESS paper's."""
+
+    section = "warmup"
 
     percent: float = option(5.0, "percent of the pool drawn for warmup training")
     seed: int = option(0, "seed of the subset draw, the data order and the LoRA initialisation")
@@ -63,7 +66,7 @@ class WarmupConfig:
     adam_beta2: float = option(0.999, "Adam beta2")
     adam_eps: float = option(1e-8, "Adam epsilon")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not 0 < self.percent <= 100:
             raise ConfigError(f"warmup.percent must be in (0, 100], got {self.percent}")
         for name in ("epochs", "batch_size", "micro_batch_size"):
@@ -85,6 +88,14 @@ class Checkpoint:
     epoch: int
     step: int
 
+    def adapter_sha256(self) -> str:
+        """SHA-256 of the adapter weights: which training produced the checkpoint."""
+        h = hashlib.sha256()
+        with open(self.path / "adapter_model.safetensors", "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
     def moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``param name -> (exp_avg, exp_avg_sq)`` from ``optimizer.safetensors``."""
         from safetensors.torch import load_file
@@ -103,21 +114,59 @@ def draw_subset(n_pool: int, percent: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_pool, size=n, replace=False))
 
 
-def read_checkpoints(warmup_dir: str | Path) -> list[Checkpoint]:
-    """The complete checkpoints of a warmup folder, in epoch order."""
+WARMUP_FORMAT = "qless-warmup"
+
+
+def read_warmup(warmup_dir: str | Path) -> dict[str, Any]:
+    """``warmup.json`` of a warmup folder, checked: settings, checkpoints with safe names and numbers."""
     warmup_dir = Path(warmup_dir)
-    info_path = warmup_dir / "warmup.json"
-    if not info_path.is_file():
+    path = warmup_dir / "warmup.json"
+    if not path.is_file():
         raise ModelError(f"{warmup_dir}: no warmup.json; run `qless warmup` first (or give its output folder)")
-    info = json.loads(info_path.read_text())
+    fix = "the warmup folder is damaged or not a qless warmup: run `qless warmup` into a new folder"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(info, dict) or info.get("format") != WARMUP_FORMAT:
+        raise StoreError(f"{path}: not a qless warmup record (field 'format' must be {WARMUP_FORMAT!r}); {fix}")
+    settings = info.get("settings")
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(k), dict) for k in ("warmup", "model", "adapter", "data")):
+        raise StoreError(f"{path}: field 'settings' must hold the warmup, model, adapter and data sections; {fix}")
+    checkpoints = info.get("checkpoints")
+    if not isinstance(checkpoints, list):
+        raise StoreError(f"{path}: field 'checkpoints' must be a list; {fix}")
+    for i, c in enumerate(checkpoints):
+        where = f"{path}: checkpoints[{i}]"
+        if not isinstance(c, dict):
+            raise StoreError(f"{where} must be an object; {fix}")
+        safe_name(c.get("name"), f"{where}.name")
+        for key in ("epoch", "step"):
+            if not isinstance(c.get(key), int) or isinstance(c.get(key), bool):
+                raise StoreError(f"{where}.{key} must be an integer, got {c.get(key)!r:.40}; {fix}")
+        lr = c.get("learning_rate")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+            raise StoreError(f"{where}.learning_rate must be a finite number >= 0, got {lr!r:.40}; {fix}")
+    return info
+
+
+def read_checkpoints(warmup_dir: str | Path, *, finished: bool = False) -> list[Checkpoint]:
+    """The complete checkpoints of a warmup folder, in epoch order. ``finished=True`` also
+    requires every epoch of the warmup to be done (extraction needs them all)."""
+    warmup_dir = Path(warmup_dir)
+    info = read_warmup(warmup_dir)
     out = []
-    for c in info.get("checkpoints", []):
+    for c in info["checkpoints"]:
         path = warmup_dir / c["name"]
         if not (path / "checkpoint.json").is_file():
             raise ModelError(f"{path}: checkpoint listed in warmup.json is missing; re-run `qless warmup`")
         out.append(Checkpoint(path, c["name"], float(c["learning_rate"]), int(c["epoch"]), int(c["step"])))
     if not out:
         raise ModelError(f"{warmup_dir}: warmup has no finished checkpoint yet; run (or resume) `qless warmup`")
+    epochs = info["settings"]["warmup"].get("epochs")
+    if finished and isinstance(epochs, int) and len(out) < epochs:
+        raise ModelError(f"{warmup_dir}: the warmup is unfinished ({len(out)} of {epochs} epochs); resume it with the "
+                         "same `qless warmup` command before extracting (scores need every checkpoint)")
     return out
 
 
@@ -125,7 +174,7 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: WarmupConfig, total_steps: 
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     warm = math.ceil(cfg.warmup_ratio * total_steps)
-    make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    make = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[cfg.schedule]
     return make(optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
 
 
@@ -164,7 +213,12 @@ def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[st
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    try:
+        meta = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
+        step, epoch = int(meta["step"]), int(meta["epoch"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{ckpt / 'checkpoint.json'}: unreadable ({e}); delete {ckpt} and resume the warmup") from None
+    meta.update(step=step, epoch=epoch)
     moments = Checkpoint(ckpt, ckpt.name, 0.0, 0, 0).moments()
     for name, p in params:
         m, v = moments[name]
@@ -181,14 +235,21 @@ def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = War
     Resumes from the last finished epoch in ``out_dir`` if the settings match."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with locked(out_dir / ".warmup.lock", f"the warmup in {out_dir}"):
+        return _warmup(pool, out_dir, cfg, model_cfg, adapter_cfg, data_cfg, progress)
+
+
+def _warmup(pool: Sequence[Example], out_dir: Path, cfg: WarmupConfig, model_cfg: ModelConfig, adapter_cfg: AdapterConfig,
+            data_cfg: DataConfig, progress: bool) -> list[Checkpoint]:
     subset_idx = draw_subset(len(pool), cfg.percent, cfg.seed)
     subset = [pool[i] for i in subset_idx]
     settings = {"warmup": to_dict(cfg), "model": to_dict(model_cfg), "adapter": to_dict(adapter_cfg), "data": to_dict(data_cfg),
-                "pool_size": len(pool)}
+                "pool_size": len(pool), "pool_sha256": examples_digest(pool)}
     info_path = out_dir / "warmup.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    info = read_warmup(out_dir) if info_path.is_file() else None
     if info is not None and info["settings"] != settings:
-        raise ConfigError(f"{out_dir}: holds a warmup with other settings; use a new folder or delete it")
+        raise ConfigError(f"{out_dir}: holds a warmup with other settings or of another pool; they differ in "
+                          f"{describe_differences(info['settings'], settings)}. Use a new folder, or delete this one")
     done = info["checkpoints"] if info else []
     if len(done) >= cfg.epochs:
         log.info("warmup in %s already finished (%d checkpoints)", out_dir, len(done))
@@ -225,11 +286,12 @@ def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = War
     for epoch in range(len(done) + 1, cfg.epochs + 1):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
         lrs, losses = [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"warmup epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
+        bar = progress_bar(range(steps_per_epoch), desc=f"warmup epoch {epoch}/{cfg.epochs}", unit="step", enabled=progress)
         start = time.perf_counter()
         for s in bar:
             batch = [items[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-            n_tokens = sum(sum(1 for lab in t.labels if lab != IGNORE_INDEX) for t in batch)
+            # position 0 predicts nothing: count the labels the loss takes, as extraction does
+            n_tokens = sum(sum(1 for lab in t.labels[1:] if lab != IGNORE_INDEX) for t in batch)
             total = 0.0
             for micro in _micro_batches(batch, cfg.micro_batch_size):
                 tensors = {k: v.to(device) for k, v in collate(micro, pad).items()}

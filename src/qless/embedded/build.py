@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
-from qless.config import option, to_dict
+from qless.config import Config, option, to_dict
+from qless.console import progress_bar
 from qless.embedded import assets, heldout, pool
 from qless.embedded.items import Item, check_disjoint, drop_overlapping, make_item
 from qless.embedded.templates import COT_TEMPLATES, FLAN_TEMPLATES
@@ -44,8 +44,10 @@ def _less_fraction(kind: str) -> float:
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig:
+class BenchmarkConfig(Config):
     """What goes into the embedded benchmark. The same config and asset versions give the same bytes."""
+
+    section = "benchmark"
 
     seed: int = option(0, "seed for which pool examples are drawn, their templates and the pool order")
     pool_size: int = option(6000, "number of pool examples")
@@ -60,7 +62,7 @@ class BenchmarkConfig:
         9, "SQuAD articles used as QA target subtasks, one question each (TyDiQA has 9 languages)"
     )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("seed", "pool_size", "max_chars", "qa_subtasks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -224,7 +226,7 @@ def _read_sources(cfg: BenchmarkConfig) -> dict[str, Any]:
         *((f"pool/{name}", read) for name, read in pool.readers(cfg.seed, cfg.max_chars).items()),
     ]
     results: dict[str, Any] = {}
-    for name, step in tqdm(steps, desc="reading benchmark sources", unit="source", disable=None, leave=False):
+    for name, step in progress_bar(steps, desc="reading benchmark sources", unit="source", leave=False):
         results[name] = step()
     return results
 

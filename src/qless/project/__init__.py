@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from qless.config import option
+from qless.config import Config, option
 from qless.errors import ConfigError
 from qless.project.reference import dense_reference, project_reference
 from qless.project.seeded import KIND_TAG, Projector, matrix_rows, seed_key
@@ -23,9 +23,11 @@ ProjectionKind = Literal["rademacher", "gaussian"]
 
 
 @dataclass(frozen=True)
-class ProjectionConfig:
+class ProjectionConfig(Config):
     """How gradients are projected. ``kind``, ``dim`` and ``seed`` define the matrix and are
     checked when stores are combined; ``chunk_size`` and ``compute_dtype`` only trade speed."""
+
+    section = "projection"
 
     kind: ProjectionKind = option("rademacher", "random matrix entries: rademacher (+-1) or gaussian")
     dim: int = option(8192, "projected dimension k")
@@ -37,7 +39,7 @@ class ProjectionConfig:
         "and adds about 0.3% relative error (much less than the projection's own ~1/sqrt(k))",
     )
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.kind not in KIND_TAG:
             raise ConfigError(f"projection.kind: {self.kind!r} is not one of {', '.join(KIND_TAG)}")
         if self.dim < 1:

@@ -9,9 +9,9 @@
 
 from qless.scoring.aggregate import TargetGroups, aggregate, checkpoint_weights, target_groups
 from qless.scoring.driver import ScoreConfig, Scores, align_rows, pair_checkpoints, score, subtask_vectors
-from qless.scoring.folder import SCORES_FORMAT, read_scores, write_scores
+from qless.scoring.folder import SCORES_FORMAT, read_scores, scores_inputs, write_scores
 from qless.scoring.reference import aggregate_reference, influence_reference
 
 __all__ = ["SCORES_FORMAT", "ScoreConfig", "Scores", "TargetGroups", "aggregate", "aggregate_reference", "align_rows",
-           "checkpoint_weights", "influence_reference", "pair_checkpoints", "read_scores", "score", "subtask_vectors",
+           "checkpoint_weights", "influence_reference", "pair_checkpoints", "read_scores", "score", "scores_inputs", "subtask_vectors",
            "target_groups", "write_scores"]

@@ -42,8 +42,13 @@ def target_groups(rows: Sequence[dict[str, Any]]) -> TargetGroups:
     return TargetGroups(list(index), groups)
 
 
+_REDUCE = {"max": np.max, "mean": np.mean}
+
+
 def checkpoint_weights(learning_rates: Sequence[float], how: str = "lr") -> np.ndarray:
-    """Normalised weights ``eta_i`` of the checkpoints from their learning rates."""
+    """Normalised weights ``eta_i`` of the checkpoints: by learning rate (``lr``) or ``uniform``."""
+    if how not in ("lr", "uniform"):
+        raise ValueError(f"checkpoint weights {how!r}: use 'lr' or 'uniform'")
     if how == "uniform":
         return np.full(len(learning_rates), 1.0 / len(learning_rates))
     lrs = np.array(learning_rates, dtype=np.float64)
@@ -54,8 +59,6 @@ def checkpoint_weights(learning_rates: Sequence[float], how: str = "lr") -> np.n
 
 def aggregate(values: np.ndarray, groups: TargetGroups, how: str = "max") -> dict[str, np.ndarray]:
     """Task -> ``[n_pool]`` scores: the max or mean of the task's subtask columns of ``values``."""
-    out = {}
-    for task in groups.tasks:
-        cols = values[:, groups.columns(task)]
-        out[task] = cols.max(axis=1) if how == "max" else cols.mean(axis=1)
-    return out
+    if how not in _REDUCE:
+        raise ValueError(f"aggregation {how!r}: use one of {', '.join(_REDUCE)}")
+    return {task: _REDUCE[how](values[:, groups.columns(task)], axis=1) for task in groups.tasks}

@@ -16,9 +16,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from qless.config import option
+from qless.config import Config, option
+from qless.console import progress_bar
 from qless.errors import ConfigError, StoreError, StoreMismatchError
 from qless.quantize import decode_codes
 from qless.scoring.aggregate import TargetGroups, aggregate, checkpoint_weights, target_groups
@@ -29,15 +29,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(Config):
     """How pool rows are scored against target rows."""
+
+    section = "score"
 
     aggregation: Literal["max", "mean"] = option("max", "over subtasks: max (LESS) or mean (the QLESS code)")
     weights: Literal["lr", "uniform"] = option("lr", "checkpoint weights: normalised learning rates (the paper) or uniform")
     block_rows: int = option(2048, "pool rows decoded at a time (bounds memory: 64 MiB of float32 at k = 8192)")
     device: str = option("cpu", "device for decoding and matmuls: cpu, cuda or auto")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.block_rows < 1:
             raise ConfigError(f"score.block_rows must be positive, got {self.block_rows}")
 
@@ -66,6 +68,15 @@ def pair_checkpoints(pool: Sequence[Datastore], targets: Sequence[Datastore]) ->
     names = [p.checkpoint for p in pool]
     if len(set(names)) != len(names):
         raise StoreMismatchError(f"pool stores repeat a checkpoint: {names}; give one store per checkpoint")
+    for side, stores, have in (("pool", pool, set(names)), ("target", targets, set(by_name))):
+        for store in stores:
+            missing = [c for c in store.manifest.get("warmup", {}).get("checkpoints", []) if c not in have]
+            if missing:
+                raise StoreError(
+                    f"the {side} stores lack checkpoint(s) {', '.join(missing)} of the warmup (which has "
+                    f"{', '.join(store.manifest['warmup']['checkpoints'])}); scores need every checkpoint: give the "
+                    f"store of each (e.g. the folder {store.path.parent} holding one store per checkpoint), or extract "
+                    "the missing ones")
     if set(names) != set(by_name):
         raise StoreMismatchError(
             f"pool checkpoints {sorted(names)} and target checkpoints {sorted(by_name)} differ; "
@@ -152,7 +163,7 @@ def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreCon
     device = _device(cfg.device)
     zero_rows = 0
     total = sum(p.n_rows for p in pool_stores)
-    bar = tqdm(total=total, desc="scoring", unit="row", disable=not progress)
+    bar = progress_bar(total=total, desc="scoring", unit="row", enabled=progress)
     for (p, t), w, rowmap in zip(pairs, weights, maps):
         m = (subtask_vectors(t, groups) * w).to(device=device, dtype=torch.float32)
         for first, codes, _ in p.blocks(cfg.block_rows):

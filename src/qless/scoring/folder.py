@@ -23,17 +23,27 @@ from qless.errors import ConfigError, StoreError
 from qless.files import atomic_folder, dumps
 from qless.scoring.driver import ScoreConfig, Scores
 from qless.store import Datastore
+from qless.store.derive import content_digest
+from qless.store.reader import parse_row
 
 SCORES_FORMAT = "qless-scores"
 
 
+def scores_inputs(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig) -> dict[str, Any]:
+    """What a scores folder was computed from: each store's content digest, and the settings.
+    Equal inputs give equal scores, so a run can reuse the folder."""
+    return {"pool": [content_digest(p) for p in pool], "targets": [content_digest(t) for t in targets],
+            "config": to_dict(cfg)}
+
+
 def write_scores(out_dir: str | Path, scores: Scores, pool: Sequence[Datastore], targets: Sequence[Datastore],
-                 cfg: ScoreConfig) -> Path:
-    """Write the scores folder (module docstring) at ``out_dir``, all files or none."""
+                 cfg: ScoreConfig, *, replace: bool = False) -> Path:
+    """Write the scores folder (module docstring) at ``out_dir``, all files or none
+    (``replace=True`` swaps out an existing one)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
+    if out_dir.exists() and not replace:
         raise ConfigError(f"{out_dir}: already exists; choose a new output folder for the scores")
-    with atomic_folder(out_dir, what="the scores") as tmp:
+    with atomic_folder(out_dir, replace=replace, what="the scores") as tmp:
         agg = scores.aggregate(cfg.aggregation)
         tasks = scores.groups.tasks
         np.save(tmp / "subtask_scores.npy", scores.values.astype(np.float32), allow_pickle=False)
@@ -58,29 +68,39 @@ def write_scores(out_dir: str | Path, scores: Scores, pool: Sequence[Datastore],
             "pool_quantizer": pool[0].spec.tag,
             "target_quantizer": targets[0].spec.tag,
             "unscored_rows": int(np.isnan(scores.values).any(axis=1).sum()),
+            "inputs": scores_inputs(pool, targets, cfg),
         }
         (tmp / "manifest.json").write_text(dumps(manifest))
     return out_dir
 
 
 def read_scores(path: str | Path) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
-    """``(manifest, task_scores [n_pool, n_tasks], pool rows)`` of a scores folder."""
+    """``(manifest, task_scores [n_pool, n_tasks], pool rows)`` of a scores folder, checked."""
     path = Path(path)
     mpath = path / "manifest.json"
+    fix = "re-run `qless score` into a new folder"
     if not mpath.is_file():
         raise StoreError(f"{path}: not a scores folder (no manifest.json); run `qless score` first")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{mpath}: not valid JSON ({e}); re-run `qless score`") from None
-    if manifest.get("format") != SCORES_FORMAT:
-        raise StoreError(f"{mpath}: not a qless scores manifest")
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{mpath}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SCORES_FORMAT:
+        raise StoreError(f"{mpath}: not a qless scores manifest; {fix}")
+    n_pool, tasks = manifest.get("n_pool"), manifest.get("tasks")
+    if not isinstance(n_pool, int) or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise StoreError(f"{mpath}: fields 'n_pool' (an integer) and 'tasks' (a list of names) are required; {fix}")
+    for name in ("task_scores.npy", "pool_rows.jsonl"):
+        if not (path / name).is_file():
+            raise StoreError(f"{path / name}: missing from the scores folder; {fix}")
     try:
         values = np.load(path / "task_scores.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path / 'task_scores.npy'}: unreadable ({e}); re-run `qless score`") from None
+        raise StoreError(f"{path / 'task_scores.npy'}: unreadable ({e}); {fix}") from None
+    rows = []
     with open(path / "pool_rows.jsonl", "rb") as f:
-        rows = [json.loads(line) for line in f]
-    if values.shape != (manifest["n_pool"], len(manifest["tasks"])) or len(rows) != manifest["n_pool"]:
-        raise StoreError(f"{path}: scores ({values.shape}) and rows ({len(rows)}) disagree with the manifest; re-run `qless score`")
+        for lineno, line in enumerate(f, start=1):
+            rows.append(parse_row(line, path / "pool_rows.jsonl", lineno, fix))
+    if values.shape != (n_pool, len(tasks)) or len(rows) != n_pool:
+        raise StoreError(f"{path}: scores ({values.shape}) and rows ({len(rows)}) disagree with the manifest; {fix}")
     return manifest, values, rows

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qless.errors import StoreError
-from qless.files import atomic_folder
+from qless.errors import StoreError, StoreMismatchError
+from qless.files import atomic_folder, locked
 from qless.quantize import QuantizerSpec, compute_scale, decode_codes, global_scale, quantize
 from qless.store.reader import Datastore
+from qless.store.layout import MANIFEST, STATE, ShardState, read_manifest
 from qless.store.writer import ShardWriter, finalize
 
 
@@ -37,7 +39,8 @@ def requantize(src: Datastore, dst: str | Path, spec: QuantizerSpec, *, block_ro
         manifest.pop(key, None)
     manifest["quantizer"] = {"method": spec.method, "bits": spec.bits, "scale": spec.scale}
     manifest["row_bytes"] = spec.row_bytes(src.k)
-    manifest["extra"] = {**manifest.get("extra", {}), "requantized_from": str(src.path), "global_scale": scale}
+    manifest["extra"] = {**manifest.get("extra", {}), "requantized_from": str(src.path), "global_scale": scale,
+                         "source_digest": content_digest(src)}
     with atomic_folder(dst, what="the requantized store") as tmp:
         for shard in src.shards:
             w = ShardWriter(tmp, manifest, shard.dir.name)
@@ -49,3 +52,32 @@ def requantize(src: Datastore, dst: str | Path, spec: QuantizerSpec, *, block_ro
             w.finish()
         finalize(tmp)
     return Datastore.open(dst)
+
+
+def content_digest(store: Datastore) -> str:
+    """SHA-256 naming what a store holds: each shard's name, rows and input fingerprint."""
+    parts = []
+    for shard in store.shards:
+        state = ShardState.read(shard.dir / STATE)
+        parts.append([shard.dir.name, state.rows, state.input_digest])
+    return hashlib.sha256(json.dumps([store.manifest["checkpoint"], parts]).encode()).hexdigest()
+
+
+def derive_once(src: Path, dst: Path, spec: QuantizerSpec) -> bool:
+    """Make ``dst`` from the float store ``src`` unless it exists; False while ``src`` is unfinished.
+
+    Run by every process of a sharded extraction: the first to find ``src`` finalised derives
+    it, under a lock; an existing ``dst`` must have been derived from this ``src``."""
+    if not read_manifest(src).get("complete"):
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with locked(dst.parent / f".{dst.name}.lock", f"the derivation of {dst}", wait=600):
+        source = Datastore.open(src)
+        if (dst / MANIFEST).exists():
+            made_from = read_manifest(dst).get("extra", {}).get("source_digest")
+            if made_from != content_digest(source):
+                raise StoreMismatchError(f"{dst}: was derived from other data than {src} holds now; delete {dst} "
+                                         "to derive it again")
+            return True
+        requantize(source, dst, spec)
+    return True

@@ -18,13 +18,14 @@ One store holds one checkpoint's gradients of one set of examples in one format:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from qless import __version__
-from qless.errors import StoreError, StoreMismatchError
+from qless.errors import QlessError, StoreError, StoreMismatchError
 from qless.files import atomic_write_json
 from qless.quantize import QuantizerSpec
 
@@ -35,9 +36,10 @@ STATE = "state.json"
 DATA_FILES = ("codes.bin", "scales.bin", "rows.jsonl", "skipped.jsonl")
 
 #: Manifest fields that must agree for two stores to be combined into one.
-COMBINE_FIELDS = ("format_version", "projection", "quantizer", "checkpoint", "gradient", "model", "adapter", "tokenization")
+COMBINE_FIELDS = ("format_version", "projection", "quantizer", "checkpoint", "warmup", "gradient", "model", "adapter",
+                  "tokenization")
 #: Fields that must agree between pool and target stores of one checkpoint for scoring.
-SCORE_FIELDS = ("projection", "checkpoint", "model", "adapter")
+SCORE_FIELDS = ("projection", "checkpoint", "warmup", "model", "adapter")
 
 
 def new_manifest(
@@ -50,9 +52,13 @@ def new_manifest(
     adapter: Mapping[str, Any] | None = None,
     tokenization: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    warmup_checkpoints: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A manifest for a new store. ``projection`` is :meth:`ProjectionConfig.identity`;
-    ``checkpoint`` has ``name`` and ``learning_rate``; ``gradient`` is ``"adam"`` or ``"sgd"``."""
+    ``checkpoint`` has ``name`` and ``learning_rate`` (and the ``adapter_sha256`` of its
+    weights when it comes from a warmup); ``gradient`` is ``"adam"`` or ``"sgd"``;
+    ``warmup_checkpoints`` lists every checkpoint of the warmup, all of which scoring requires
+    (default: this checkpoint alone)."""
     for key in ("kind", "dim", "seed", "input_dim"):
         if key not in projection:
             raise ValueError(f"projection identity lacks {key!r}")
@@ -64,7 +70,9 @@ def new_manifest(
         "projection": dict(projection),
         "quantizer": {"method": quantizer.method, "bits": quantizer.bits, "scale": quantizer.scale},
         "row_bytes": quantizer.row_bytes(int(projection["dim"])),
-        "checkpoint": {"name": str(checkpoint["name"]), "learning_rate": float(checkpoint["learning_rate"])},
+        "checkpoint": {"name": str(checkpoint["name"]), "learning_rate": float(checkpoint["learning_rate"]),
+                       **({"adapter_sha256": str(checkpoint["adapter_sha256"])} if "adapter_sha256" in checkpoint else {})},
+        "warmup": {"checkpoints": [str(c) for c in (warmup_checkpoints or [checkpoint["name"]])]},
         "gradient": gradient,
         "model": dict(model or {}),
         "adapter": dict(adapter or {}),
@@ -104,14 +112,14 @@ def require_same(a: Mapping[str, Any], b: Mapping[str, Any], fields: Sequence[st
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """Read and validate ``STORE/manifest.json``."""
+    """Read and validate ``STORE/manifest.json``: every field qless uses has the right type."""
     mpath = Path(path) / MANIFEST
     if not Path(path).is_dir():
         raise StoreError(f"{path}: no such datastore directory; give the folder that holds {MANIFEST}")
     if not mpath.is_file():
         raise StoreError(f"{mpath}: manifest missing; this folder is not a qless datastore (or its write never started)")
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{mpath}: manifest is not valid JSON ({e}); the store is corrupt, re-run the extraction that wrote it") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -124,14 +132,68 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for key in ("projection", "quantizer", "row_bytes", "checkpoint", "gradient"):
         if key not in m:
             raise StoreError(f"{mpath}: field {key!r} missing; the manifest is corrupt, re-run the extraction that wrote it")
+    _check_manifest_fields(m, mpath)
     try:
         spec = QuantizerSpec(**m["quantizer"])
-        k = int(m["projection"]["dim"])
-    except Exception as e:  # noqa: BLE001 - any malformed field is a corrupt manifest
-        raise StoreError(f"{mpath}: field 'quantizer' or 'projection' is invalid ({e})") from None
+    except (TypeError, ValueError, QlessError) as e:
+        raise StoreError(f"{mpath}: field 'quantizer' is invalid ({e})") from None
+    k = m["projection"]["dim"]
     if spec.row_bytes(k) != m["row_bytes"]:
         raise StoreError(f"{mpath}: row_bytes {m['row_bytes']} does not match {spec.tag} at k={k}; the manifest is corrupt")
     return m
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_MANIFEST_FIELDS: list[tuple[str, Callable[[Any], bool], str, bool]] = [
+    # dotted field, check, what it must be, required
+    ("projection", lambda v: isinstance(v, dict), "an object", True),
+    ("projection.kind", lambda v: isinstance(v, str), "a string", True),
+    ("projection.dim", lambda v: _is_int(v, 1), "a positive integer", True),
+    ("projection.seed", _is_int, "a non-negative integer", True),
+    ("projection.input_dim", lambda v: _is_int(v, 1), "a positive integer", True),
+    ("quantizer", lambda v: isinstance(v, dict), "an object", True),
+    ("row_bytes", lambda v: _is_int(v, 1), "a positive integer", True),
+    ("checkpoint", lambda v: isinstance(v, dict), "an object", True),
+    ("checkpoint.name", lambda v: isinstance(v, str) and v != "", "a non-empty string", True),
+    ("checkpoint.learning_rate", _is_number, "a finite number", True),
+    ("gradient", lambda v: v in ("adam", "sgd"), "'adam' or 'sgd'", True),
+    ("warmup", lambda v: isinstance(v, dict), "an object", False),
+    ("warmup.checkpoints", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of names", False),
+    ("model", lambda v: isinstance(v, dict), "an object", False),
+    ("adapter", lambda v: isinstance(v, dict), "an object", False),
+    ("tokenization", lambda v: isinstance(v, dict), "an object", False),
+    ("extra", lambda v: isinstance(v, dict), "an object", False),
+    ("rows", _is_int, "a non-negative integer", False),
+    ("complete", lambda v: isinstance(v, bool), "true or false", False),
+    ("shards", lambda v: isinstance(v, list) and all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and _is_int(s.get("rows")) and _is_int(s.get("skipped"))
+        for s in v), "a list of {name, rows, skipped}", False),
+]
+
+
+def _check_manifest_fields(m: dict[str, Any], mpath: Path) -> None:
+    for dotted, ok, what, required in _MANIFEST_FIELDS:
+        node: Any = m
+        present = True
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                present = False
+                break
+            node = node[part]
+        if not present:
+            if required:
+                raise StoreError(f"{mpath}: field {dotted!r} missing; the manifest is corrupt, re-run the extraction that wrote it")
+            continue
+        if not ok(node):
+            raise StoreError(f"{mpath}: field {dotted!r} must be {what}, got {node!r:.80}; the manifest is corrupt, "
+                             "re-run the extraction that wrote it")
 
 
 def write_manifest(store: Path, manifest: Mapping[str, Any]) -> None:
@@ -154,11 +216,19 @@ class ShardState:
 
     @classmethod
     def read(cls, path: Path) -> ShardState:
+        fix = "delete this shard folder and re-run its extraction"
         try:
-            data = json.loads(path.read_text())
-            return cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise StoreError(f"{path}: shard state unreadable ({e}); delete this shard folder and re-run its extraction") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: shard state unreadable ({e}); {fix}") from None
+        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
+            raise StoreError(f"{path}: shard state must be an object with fields {', '.join(f.name for f in fields(cls))}; {fix}")
+        for f in fields(cls):
+            value = data[f.name]
+            good = {"int": _is_int(value), "str": isinstance(value, str), "bool": isinstance(value, bool)}[f.type]
+            if not good:
+                raise StoreError(f"{path}: field {f.name!r} must be of type {f.type}, got {value!r:.80}; {fix}")
+        return cls(**data)
 
     def write(self, path: Path) -> None:
         atomic_write_json(path, asdict(self))
@@ -167,3 +237,19 @@ class ShardState:
         """Committed byte size of each data file."""
         return {"codes.bin": self.rows * row_bytes, "scales.bin": self.rows * 4, "rows.jsonl": self.rows_bytes,
                 "skipped.jsonl": self.skipped_bytes}
+
+    def check_files(self, shard_dir: Path, row_bytes: int, exact: bool | None = None) -> None:
+        """Raise StoreError unless each data file holds at least its committed bytes (exactly
+        that many when ``exact``, default: when the shard is complete)."""
+        exact = self.complete if exact is None else exact
+        for name, need in self.sizes(row_bytes).items():
+            p = shard_dir / name
+            have = p.stat().st_size if p.exists() else -1
+            if have < 0 and need == 0 and not exact:
+                continue  # not written yet: nothing committed
+            if have < need or (exact and have != need):
+                state = "missing" if have < 0 else "truncated" if have < need else "longer than committed"
+                raise StoreError(
+                    f"{p}: holds {max(have, 0)} bytes but {self.rows} committed rows need {need}; the file is {state}. "
+                    f"The store is corrupt: delete this shard folder (or the whole store) and re-run its extraction"
+                )

@@ -48,7 +48,29 @@ class _Shard:
         off = self.offsets()
         with open(self.dir / "rows.jsonl", "rb") as f:
             f.seek(int(off[i]))
-            return json.loads(f.read(int(off[i + 1] - off[i])))
+            return parse_row(f.read(int(off[i + 1] - off[i])), self.dir / "rows.jsonl", i + 1)
+
+    def table(self) -> Iterator[dict[str, Any]]:
+        """Every committed row's table entry, in order."""
+        if self.rows == 0:
+            return
+        with open(self.dir / "rows.jsonl", "rb") as f:
+            for lineno, line in enumerate(f.read(self.rows_bytes).splitlines(), start=1):
+                yield parse_row(line, self.dir / "rows.jsonl", lineno)
+
+
+def parse_row(line: bytes, path: Path, lineno: int,
+              fix: str = "the store is corrupt: delete it and re-run the extraction that wrote it") -> dict[str, Any]:
+    """One ``rows.jsonl`` line: a JSON object with ``source`` and ``id`` strings, else StoreError."""
+    try:
+        row = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        row, why = None, f"not valid JSON ({e})"
+    else:
+        why = "not an object with 'source' and 'id' strings"
+    if isinstance(row, dict) and isinstance(row.get("source"), str) and isinstance(row.get("id"), str):
+        return row
+    raise StoreError(f"{path}:{lineno}: {why}; {fix}")
 
 
 class Datastore:
@@ -126,11 +148,7 @@ class Datastore:
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every row's table entry in order (streamed from disk)."""
         for shard in self.shards:
-            if shard.rows == 0:
-                continue
-            with open(shard.dir / "rows.jsonl", "rb") as f:
-                for line in f.read(shard.rows_bytes).splitlines():
-                    yield json.loads(line)
+            yield from shard.table()
 
     @property
     def nbytes(self) -> int:
@@ -181,15 +199,7 @@ def _open_shards(path: Path, manifest: dict[str, Any], allow_incomplete: bool) -
         st = ShardState.read(d / STATE)
         if d.name in listed and listed[d.name]["rows"] != st.rows:
             raise StoreError(f"{d}: state says {st.rows} rows, manifest says {listed[d.name]['rows']}; the store is corrupt")
-        for name, need in (("codes.bin", st.rows * row_bytes), ("scales.bin", st.rows * 4), ("rows.jsonl", st.rows_bytes)):
-            p = d / name
-            have = p.stat().st_size if p.exists() else -1
-            if have < need or (st.complete and have != need):
-                raise StoreError(
-                    f"{p}: holds {max(have, 0)} bytes but {st.rows} committed rows need {need}; the file is "
-                    f"{'missing' if have < 0 else 'truncated' if have < need else 'longer than committed'}. "
-                    f"Delete this shard folder and re-run its extraction"
-                )
+        st.check_files(d, row_bytes)
         codes = np.memmap(d / "codes.bin", dtype=np.uint8, mode="r", shape=(st.rows, row_bytes)) if st.rows else None
         scales = np.memmap(d / "scales.bin", dtype="<f4", mode="r", shape=(st.rows,)) if st.rows else None
         shards.append(_Shard(d, st.rows, st.rows_bytes, st.skipped, codes, scales))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qless.errors import StoreError
-from qless.files import create_json_once
+from qless.files import create_json_once, hold_lock, locked, safe_name
 from qless.store.layout import MANIFEST, STATE, ShardState, read_manifest, require_same, write_manifest
 
 log = logging.getLogger(__name__)
@@ -52,32 +52,49 @@ class ShardWriter:
     """
 
     def __init__(self, store: str | Path, manifest: Mapping[str, Any], shard: str = "00000") -> None:
-        if not shard or "/" in shard or shard.startswith("."):
-            raise ValueError(f"invalid shard name {shard!r}")
+        self._lock: Any = None
+        safe_name(shard, "shard name")
         self.store = create_store(store, manifest)
         self.manifest = read_manifest(self.store)
         self.row_bytes = int(self.manifest["row_bytes"])
+        if self.manifest.get("complete"):
+            raise StoreError(f"{self.store}: the store is finalised; write to a new store folder")
         self.dir = self.store / "shards" / shard
+        # one writer per shard: a second process is refused at once, not interleaved
+        self._lock = hold_lock(self.store / "shards" / f".{shard}.lock", f"shard {shard} of {self.store}")
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         state_path = self.dir / STATE
         self.state = ShardState.read(state_path) if state_path.exists() else ShardState()
-        if self.manifest.get("complete"):
-            raise StoreError(f"{self.store}: the store is finalised; write to a new store folder")
         if self.state.complete:
             raise StoreError(f"{self.dir}: shard is already complete; write to a new store folder or delete this one")
         # drop any uncommitted tail left by an interrupted writer
+        self.state.check_files(self.dir, self.row_bytes, exact=False)
         for name, size in self.state.sizes(self.row_bytes).items():
             p = self.dir / name
             if not p.exists():
-                if size:
-                    raise StoreError(f"{p}: missing but the shard state counts {size} committed bytes; delete the shard and re-run")
                 p.touch()
-            elif p.stat().st_size < size:
-                raise StoreError(f"{p}: truncated ({p.stat().st_size} bytes, {size} committed); delete the shard and re-run")
-            else:
-                os.truncate(p, size)
+            os.truncate(p, size)
         if state_path.exists() and self.state.rows + self.state.skipped:
             log.info("resuming shard %s at row %d (%d inputs consumed)", self.dir, self.state.rows, self.state.consumed)
+
+    def close(self) -> None:
+        """Release the shard's lock (the writer can no longer append)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def rows(self) -> int:
@@ -90,6 +107,8 @@ class ShardWriter:
     def append(self, codes: np.ndarray | torch.Tensor, scales: np.ndarray | torch.Tensor, rows: Sequence[Mapping[str, Any]],
                *, consumed: int, input_digest: str = "", skipped: Sequence[Mapping[str, Any]] = ()) -> None:
         """Append ``len(rows)`` rows and commit. ``consumed`` is the new total of inputs processed."""
+        if self._lock is None:
+            raise StoreError(f"{self.dir}: this writer is closed")
         codes = _as_numpy(codes, np.uint8)
         scales = _as_numpy(scales, np.float32).astype("<f4", copy=False)
         consumed = int(consumed)
@@ -116,9 +135,12 @@ class ShardWriter:
         self.state.write(self.dir / STATE)
 
     def finish(self) -> None:
-        """Mark the shard complete; no more rows can be appended."""
+        """Mark the shard complete (no more rows can be appended) and release it."""
+        if self._lock is None:
+            raise StoreError(f"{self.dir}: this writer is closed")
         self.state.complete = True
         self.state.write(self.dir / STATE)
+        self.close()
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor, dtype: Any) -> np.ndarray:
@@ -127,22 +149,40 @@ def _as_numpy(x: np.ndarray | torch.Tensor, dtype: Any) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+def complete_shard(store: Path, shard: str) -> ShardState | None:
+    """The state of ``shard`` if it is complete, with its files checked; None if unfinished.
+
+    A shard that claims to be complete but whose files disagree is corrupt: StoreError."""
+    d = Path(store) / "shards" / shard
+    if not (d / STATE).is_file():
+        return None
+    state = ShardState.read(d / STATE)
+    if not state.complete:
+        return None
+    state.check_files(d, int(read_manifest(Path(store))["row_bytes"]), exact=True)
+    return state
+
+
 def finalize(store: str | Path) -> dict[str, Any]:
-    """Record the shard list and total row count in the manifest once every shard is complete."""
+    """Record the shard list and total row count in the manifest once every shard is complete
+    (each one's files checked). Concurrent callers are serialised by a lock."""
     store = Path(store)
-    manifest = read_manifest(store)
-    shards = []
-    for d in sorted((store / "shards").iterdir()) if (store / "shards").is_dir() else []:
-        if not d.is_dir():
-            continue
-        st = ShardState.read(d / STATE) if (d / STATE).exists() else None
-        if st is None or not st.complete:
-            raise StoreError(f"{d}: shard is not complete; finish (or resume) its extraction before finalising {store}")
-        shards.append({"name": d.name, "rows": st.rows, "skipped": st.skipped})
-    if not shards:
-        raise StoreError(f"{store}: no shards to finalise; the extraction wrote nothing")
-    manifest["shards"] = shards
-    manifest["rows"] = sum(s["rows"] for s in shards)
-    manifest["complete"] = True
-    write_manifest(store, manifest)
+    with locked(store / ".finalize.lock", f"the finalisation of {store}", wait=60):
+        manifest = read_manifest(store)
+        if manifest.get("complete"):
+            return manifest
+        shards = []
+        for d in sorted((store / "shards").iterdir()) if (store / "shards").is_dir() else []:
+            if not d.is_dir():
+                continue
+            st = complete_shard(store, d.name)
+            if st is None:
+                raise StoreError(f"{d}: shard is not complete; finish (or resume) its extraction before finalising {store}")
+            shards.append({"name": d.name, "rows": st.rows, "skipped": st.skipped})
+        if not shards:
+            raise StoreError(f"{store}: no shards to finalise; the extraction wrote nothing")
+        manifest["shards"] = shards
+        manifest["rows"] = sum(s["rows"] for s in shards)
+        manifest["complete"] = True
+        write_manifest(store, manifest)
     return manifest
