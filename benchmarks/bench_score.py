@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qless.store import Datastore, ShardWriter, finalize, new_manifest
 from qless.quantize import QuantizerSpec, quantize
 from qless.scoring import ScoreConfig, score
+from qless.store import Datastore, ShardWriter, finalize, new_manifest
 
 FORMATS = ["fp32", "fp16", "absmax8", "absmean4", "absmean2", "sign1"]
 
@@ -69,7 +69,8 @@ def main() -> None:
                 score([pool], [target], ScoreConfig(), progress=False)
                 times.append(time.perf_counter() - t)
             results[tag] = (float(np.median(times)), pool.row_bytes + 4)
-    print(f"{'format':10s} {'bytes/row':>10s} {'rows/s':>12s} {'MB/s read':>10s} {'speed vs fp32':>14s} {'vs fp16':>8s} {'size vs fp16':>13s}")
+    print(f"{'format':10s} {'bytes/row':>10s} {'rows/s':>12s} {'MB/s read':>10s} {'speed vs fp32':>14s} {'vs fp16':>8s} "
+          f"{'size vs fp16':>13s}")
     for tag, (t, nbytes) in results.items():
         base32 = results.get("fp32", (np.nan, 0))[0]
         base16, size16 = results.get("fp16", (np.nan, np.nan))

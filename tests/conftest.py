@@ -99,8 +99,8 @@ def write_store(path, x, spec, *, checkpoint="epoch-1", lr=1e-5, rows=None, shar
     Rows are written in batches of ``batch`` into ``shards`` contiguous shards."""
     import numpy as np
 
-    from qless.store import ShardWriter, finalize, new_manifest
     from qless.quantize import QuantizerSpec, quantize
+    from qless.store import ShardWriter, finalize, new_manifest
 
     if isinstance(spec, str):
         spec = QuantizerSpec.parse(spec)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import write_store
 
+from conftest import write_store
 from qless.cli import main
 
 

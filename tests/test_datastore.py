@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import write_store
 
-from qless.store import Datastore, ShardWriter, finalize, new_manifest, open_by_checkpoint, requantize
+from conftest import write_store
 from qless.errors import StoreError, StoreMismatchError
 from qless.quantize import QuantizerSpec, decode_codes, quantize
+from qless.store import Datastore, ShardWriter, finalize, new_manifest, open_by_checkpoint, requantize
 
 
 def _x(n=40, k=64, seed=0):

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import requires_assets
 
+from conftest import requires_assets
 from qless.config import from_dict, to_dict
 from qless.embedded import BenchmarkConfig, build_benchmark
 from qless.embedded.build import _draw_pool, kind_quotas, split_evenly, write_benchmark

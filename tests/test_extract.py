@@ -8,16 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import requires_cuda, toy_pool, write_jsonl
 
+from conftest import requires_cuda, toy_pool, write_jsonl
 from qless.data import DataConfig, collate, load_examples, tokenize_examples
-from qless.store import Datastore, ShardWriter
 from qless.errors import ConfigError, StoreMismatchError
 from qless.extraction import ExtractConfig, extract
 from qless.gradients import adam_direction, per_example_gradients_loop
 from qless.models import AdapterConfig, ModelConfig, load_adapter, load_model
 from qless.project import ProjectionConfig, project_reference
 from qless.quantize import QuantizerSpec, quantize
+from qless.store import Datastore, ShardWriter
 from qless.training import WarmupConfig, warmup
 
 PROJ = ProjectionConfig(dim=256, seed=4, chunk_size=300)

@@ -96,8 +96,8 @@ def test_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
 
 
 def test_lock_is_freed_when_its_holder_dies(tmp_path):
-    code = ("import os, sys; sys.path.insert(0, %r); from qless.files import hold_lock; "
-            "hold_lock(%r, 'x'); os._exit(0)") % (str(tmp_path), str(tmp_path / ".x.lock"))
+    code = ("import os, sys; sys.path.insert(0, {!r}); from qless.files import hold_lock; "
+            "hold_lock({!r}, 'x'); os._exit(0)").format(str(tmp_path), str(tmp_path / ".x.lock"))
     subprocess.run([sys.executable, "-c", code], check=True)
     hold_lock(tmp_path / ".x.lock", "x").release()
 

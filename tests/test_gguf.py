@@ -12,7 +12,6 @@ import pytest
 from qless import gguf
 
 
-
 @pytest.fixture
 def stub_conversion(monkeypatch):
     calls = []

@@ -8,8 +8,8 @@ import weakref
 import peft
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
 
+from conftest import make_tiny_gpt2, make_tiny_llama
 from qless.errors import ModelError
 from qless.gradients import (
     IGNORE_INDEX,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import requires_assets, write_jsonl
 
+from conftest import requires_assets, write_jsonl
 from qless.cli import main
 from qless.store import Datastore
 

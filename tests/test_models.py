@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, requires_assets, requires_cuda
 from safetensors.torch import load_file, save_file
 
+from conftest import make_tiny_gpt2, make_tiny_llama, requires_assets, requires_cuda
 from qless import gguf, models
 from qless.config import from_dict, to_dict
 from qless.errors import ConfigError, ModelError
-from qless.presets import preset_section
 from qless.models import (
     AdapterConfig,
     ModelConfig,
@@ -35,6 +34,7 @@ from qless.models import (
     resolve_dtype,
     set_adapter_weights,
 )
+from qless.presets import preset_section
 
 CPU_ADAPTER = AdapterConfig(r=8, alpha=32.0, dropout=0.1)
 # Tiny Llama (hidden 32, q/o 32 out, k/v 16 out, 2 layers): r * (32+32 + 32+16 + 32+16 + 32+32) * 2.

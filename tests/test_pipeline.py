@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-from conftest import toy_pool, write_jsonl
 
+from conftest import toy_pool, write_jsonl
 from qless.cli import main
 from qless.errors import ConfigError, UnsafeNameError
 from qless.pipeline import build_run_config, load_run_config, run

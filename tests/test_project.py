@@ -7,6 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from qless.errors import ConfigError
+from qless.project import (
+    ProjectionConfig,
+    Projector,
+    dense_reference,
+    matrix_rows,
+    project_reference,
+)
 from utils import (
     BF16_REL_TOL,
     FAIL_PROB,
@@ -16,15 +25,6 @@ from utils import (
     chi2_upper,
     jl_epsilon,
     sd_band,
-)
-
-from qless.errors import ConfigError
-from qless.project import (
-    ProjectionConfig,
-    Projector,
-    dense_reference,
-    matrix_rows,
-    project_reference,
 )
 
 

@@ -9,6 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from qless.errors import ConfigError
+from qless.project import ProjectionConfig, Projector
+from qless.quantize import (
+    QuantizerSpec,
+    decode_codes,
+    dequantize,
+    integer_codes,
+    pack,
+    pack_reference,
+    quantize,
+    quantize_reference,
+    unpack,
+)
 from utils import (
     ANGLE_ATOL,
     DEQUANT_RTOL,
@@ -25,20 +39,6 @@ from utils import (
     quantized_cosine,
     sd_band,
     zero_bin_probability,
-)
-
-from qless.errors import ConfigError
-from qless.project import ProjectionConfig, Projector
-from qless.quantize import (
-    QuantizerSpec,
-    decode_codes,
-    dequantize,
-    integer_codes,
-    pack,
-    pack_reference,
-    quantize,
-    quantize_reference,
-    unpack,
 )
 
 INTEGER_SPECS = ["absmax8", "absmax4", "absmax2", "absmean8", "absmean4", "absmean2", "sign1"]

@@ -7,17 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_store
-from utils import (
-    ANGLE_ATOL,
-    FAIL_PROB,
-    SCORE_ATOL,
-    angle,
-    binomial_band,
-    cosine,
-    rows_at_angles,
-)
 
+from conftest import write_store
 from qless.errors import StoreMismatchError
 from qless.project import ProjectionConfig, Projector
 from qless.quantize import QuantizerSpec, quantize_reference
@@ -31,6 +22,15 @@ from qless.scoring import (
     write_scores,
 )
 from qless.store import Datastore
+from utils import (
+    ANGLE_ATOL,
+    FAIL_PROB,
+    SCORE_ATOL,
+    angle,
+    binomial_band,
+    cosine,
+    rows_at_angles,
+)
 
 
 def _target_rows(n_sub=(3, 2, 4), tasks=("mmlu", "bbh")):

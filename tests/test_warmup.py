@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import toy_pool, write_jsonl
 from safetensors.torch import load_file
 
+from conftest import toy_pool, write_jsonl
 from qless.data import load_examples
 from qless.errors import ConfigError
 from qless.models import AdapterConfig, ModelConfig

@@ -32,15 +32,15 @@ import torch
 from qless.config import Config, option, to_dict
 from qless.console import progress_bar
 from qless.data import DataConfig, Example, Tokenized, collate, examples_digest, tokenize_examples
-from qless.files import safe_name
-from qless.store import MANIFEST, ShardWriter, create_store, finalize, new_manifest, read_manifest
-from qless.store.derive import derive_once
-from qless.store.writer import complete_shard
 from qless.errors import ConfigError, DataError, ModelError, StoreMismatchError
+from qless.files import safe_name
 from qless.gradients import PerExampleGradients, adam_direction
 from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, release_memory, set_adapter_weights
 from qless.project import ProjectionConfig, Projector
 from qless.quantize import QuantizerSpec, quantize
+from qless.store import MANIFEST, ShardWriter, create_store, finalize, new_manifest, read_manifest
+from qless.store.derive import derive_once
+from qless.store.writer import complete_shard
 from qless.training import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class Extractor:
         return new_manifest(
             projection=self.projection.identity(self.grads.dim), quantizer=spec,
             checkpoint={"name": ckpt.name, "learning_rate": ckpt.learning_rate, "adapter_sha256": ckpt.adapter_sha256()},
-            warmup_checkpoints=self.warmup_checkpoints, gradient="adam" if kind == "pool" else "sgd", model=self.model_identity, adapter=self.adapter_identity,
+            warmup_checkpoints=self.warmup_checkpoints, gradient="adam" if kind == "pool" else "sgd",
+            model=self.model_identity, adapter=self.adapter_identity,
             tokenization={"template": data_cfg.template, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
             extra={"set": name, "extraction": {k: v for k, v in to_dict(self.cfg).items() if k not in ("formats", "shard_index")},
                    "projection_compute": {"chunk_size": self.projection.chunk_size, "dtype": self.projection.compute_dtype}},

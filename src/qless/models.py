@@ -94,7 +94,7 @@ class AdapterConfig(Config):
 # Device and dtype
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     log.info(message)
 
@@ -265,7 +265,7 @@ def load_tokenizer(cfg: ModelConfig):
     return _load_tokenizer(cfg, _resolve_source(cfg))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_bitsandbytes(quantization: str, device: str) -> None:
     """One quantised Linear forward and backward on ``device`` (milliseconds), else ModelError."""
     where = "int8 and nf4 run on cuda, and on cpu with a bitsandbytes that has CPU kernels (0.50 does)"

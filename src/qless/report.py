@@ -163,7 +163,7 @@ def _write_report(out_dir: Path, scores_dirs: Mapping[str, Path], primary: str, 
     md.append("## Selection composition\n")
     for level, key in levels:
         keys = sorted({key(src) for src in names})
-        regroup = lambda counts: Counter({g: sum(n for src, n in counts.items() if key(src) == g) for g in keys})  # noqa: E731
+        regroup = lambda counts: Counter({g: sum(n for src, n in counts.items() if key(src) == g) for g in keys})
         columns = {"pool": _shares(regroup(pool_counts), keys)}
         columns.update({name: _shares(regroup(c), keys) for name, c in selected_counts.items()})
         _plot_composition(plt, out_dir / f"composition_{level}.png", columns, f"share of each pool {level}")

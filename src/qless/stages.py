@@ -22,9 +22,9 @@ import numpy as np
 
 from qless.config import from_dict
 from qless.data import DataConfig, Example, load_examples
-from qless.files import atomic_folder, output_errors, safe_name
 from qless.errors import ConfigError
 from qless.extraction import ExtractConfig, extract
+from qless.files import atomic_folder, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig
 from qless.project import ProjectionConfig
 from qless.scoring import ScoreConfig, read_scores, score, write_scores

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from qless.config import Config, option, to_dict
 from qless.console import progress_bar
 from qless.embedded import assets, heldout, pool

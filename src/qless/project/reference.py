@@ -22,7 +22,7 @@ def _fmix32_np(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(16))
 
 
-def dense_reference(cfg: "ProjectionConfig", input_dim: int, first_row: int = 0) -> np.ndarray:
+def dense_reference(cfg: ProjectionConfig, input_dim: int, first_row: int = 0) -> np.ndarray:
     """Rows ``first_row .. first_row + input_dim`` of the unscaled matrix R as a float64
     ``[input_dim, k]`` array, computed entry by entry from the definition in this module's
     docstring. Memory ``8 d k`` bytes: tests only."""
@@ -46,7 +46,7 @@ def dense_reference(cfg: "ProjectionConfig", input_dim: int, first_row: int = 0)
     return out.astype(np.float32).astype(np.float64)
 
 
-def project_reference(cfg: "ProjectionConfig", x: np.ndarray) -> np.ndarray:
+def project_reference(cfg: ProjectionConfig, x: np.ndarray) -> np.ndarray:
     """float64 ``x @ R / sqrt(k)`` with the dense reference matrix."""
     x = np.asarray(x, dtype=np.float64)
     return x @ dense_reference(cfg, x.shape[1]) / math.sqrt(cfg.dim)

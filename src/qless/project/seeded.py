@@ -105,7 +105,7 @@ def _sign_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _SIGN_LUT_CACHE[key]
 
 
-def matrix_rows(cfg: "ProjectionConfig", i0: int, i1: int, device: torch.device | str = "cpu",
+def matrix_rows(cfg: ProjectionConfig, i0: int, i1: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unscaled rows ``i0..i1`` of R as a ``[i1 - i0, k]`` tensor (entries +-1 or N(0, 1))."""
     device = torch.device(device)
@@ -133,7 +133,7 @@ class Projector:
     sum of the blocks' projections is the projection of the whole row.
     """
 
-    def __init__(self, cfg: "ProjectionConfig", input_dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: ProjectionConfig, input_dim: int, device: torch.device | str = "cpu") -> None:
         if input_dim < 1:
             raise ConfigError(f"projection input dimension must be positive, got {input_dim}")
         self.cfg = cfg

@@ -22,6 +22,21 @@ from qless.store.layout import (
 from qless.store.reader import Datastore, open_by_checkpoint
 from qless.store.writer import ShardWriter, create_store, finalize
 
-__all__ = ["COMBINE_FIELDS", "FORMAT", "FORMAT_VERSION", "MANIFEST", "SCORE_FIELDS", "STATE", "Datastore", "ShardState",
-           "ShardWriter", "create_store", "finalize", "new_manifest", "open_by_checkpoint", "read_manifest", "require_same",
-           "requantize"]
+__all__ = [
+    "COMBINE_FIELDS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SCORE_FIELDS",
+    "STATE",
+    "Datastore",
+    "ShardState",
+    "ShardWriter",
+    "create_store",
+    "finalize",
+    "new_manifest",
+    "open_by_checkpoint",
+    "read_manifest",
+    "requantize",
+    "require_same",
+]

@@ -12,8 +12,8 @@ import torch
 from qless.errors import StoreError, StoreMismatchError
 from qless.files import atomic_folder, locked
 from qless.quantize import QuantizerSpec, compute_scale, decode_codes, global_scale, quantize
-from qless.store.reader import Datastore
 from qless.store.layout import MANIFEST, STATE, ShardState, read_manifest
+from qless.store.reader import Datastore
 from qless.store.writer import ShardWriter, finalize
 
 

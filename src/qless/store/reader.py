@@ -102,7 +102,7 @@ class Datastore:
         return float(self.manifest["checkpoint"]["learning_rate"])
 
     @classmethod
-    def open(cls, *paths: str | Path, allow_incomplete: bool = False, allow_empty: bool = False) -> "Datastore":
+    def open(cls, *paths: str | Path, allow_incomplete: bool = False, allow_empty: bool = False) -> Datastore:
         """Open one store, or several as one (they must agree on every field in COMBINE_FIELDS)."""
         if not paths:
             raise ValueError("give at least one store path")
@@ -189,7 +189,8 @@ def _open_shards(path: Path, manifest: dict[str, Any], allow_incomplete: bool) -
     shard_root = path / "shards"
     dirs = sorted(d for d in shard_root.iterdir() if d.is_dir()) if shard_root.is_dir() else []
     if listed and sorted(listed) != [d.name for d in dirs]:
-        raise StoreError(f"{path}: shard folders {[d.name for d in dirs]} do not match the manifest's {sorted(listed)}; the store is corrupt")
+        raise StoreError(f"{path}: shard folders {[d.name for d in dirs]} do not match the manifest's {sorted(listed)}; "
+                         "the store is corrupt")
     shards = []
     for d in dirs:
         if not (d / STATE).exists():
