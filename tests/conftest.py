@@ -93,10 +93,11 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def write_store(path, x, spec, *, checkpoint="epoch-1", lr=1e-5, rows=None, shards=1, gradient="adam",
-                seed=0, input_dim=1000, batch=7):
+                seed=0, input_dim=1000, batch=7, warmup=None):
     """Quantize float rows ``x [n, k]`` into a finalised store at ``path`` (for store/score tests).
 
-    Rows are written in batches of ``batch`` into ``shards`` contiguous shards."""
+    Rows are written in batches of ``batch`` into ``shards`` contiguous shards; ``warmup`` lists
+    every checkpoint of the (pretend) warmup, which scoring then requires."""
     import numpy as np
 
     from qless.quantize import QuantizerSpec, quantize
@@ -110,7 +111,7 @@ def write_store(path, x, spec, *, checkpoint="epoch-1", lr=1e-5, rows=None, shar
     manifest = new_manifest(
         projection={"kind": "rademacher", "dim": k, "seed": seed, "input_dim": input_dim},
         quantizer=spec, checkpoint={"name": checkpoint, "learning_rate": lr}, gradient=gradient,
-        model={"name": "test-model"}, adapter={"r": 8},
+        model={"name": "test-model"}, adapter={"r": 8}, warmup_checkpoints=warmup,
     )
     bounds = np.linspace(0, n, shards + 1).astype(int)
     for s in range(shards):

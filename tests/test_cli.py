@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -342,3 +343,58 @@ def test_public_api_gives_the_stage_functions():
             "assert all(inspect.isfunction(f) for f in (warmup, extract, score, select, run)), (warmup, score)\n"
             "import qless\nassert set(qless.__all__) >= {'warmup', 'extract', 'score', 'select', 'Datastore'}\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_multi_task_select_is_all_or_nothing(tmp_path, capsys, monkeypatch):
+    import qless.stages as stages
+
+    _setup(tmp_path)
+    assert main(["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+                 "--out", str(tmp_path / "s")]) == 0
+    real = stages.write_selection_files
+    calls = {"n": 0}
+
+    def killed_at_second_task(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stages, "write_selection_files", killed_at_second_task)
+    assert main(["select", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "sel")]) == 130
+    assert not (tmp_path / "sel").exists() and not list(tmp_path.glob(".sel.*")), "a killed select leaves nothing"
+    monkeypatch.setattr(stages, "write_selection_files", real)
+    assert main(["select", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "sel")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["bbh", "mmlu"]
+    # an output that exists in part is refused before anything is written
+    (tmp_path / "sel2" / "bbh").mkdir(parents=True)
+    _expect_exit2(["select", "--scores", str(tmp_path / "s"), "--out", str(tmp_path / "sel2")], capsys, "already exists")
+    assert [p.name for p in (tmp_path / "sel2").iterdir()] == ["bbh"]
+
+
+def test_random_baseline_ranking_carries_no_task_scores(tmp_path, capsys):
+    _setup(tmp_path)
+    assert main(["score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
+                 "--out", str(tmp_path / "s")]) == 0
+    assert main(["select", "--scores", str(tmp_path / "s"), "--task", "mmlu", "--method", "random",
+                 "--out", str(tmp_path / "r")]) == 0
+    ranking = [json.loads(line) for line in open(tmp_path / "r" / "ranking.jsonl")]
+    assert ranking and all(r["score"] is None for r in ranking)
+    assert json.loads((tmp_path / "r" / "selection.json").read_text())["min_selected_score"] is None
+
+
+def test_unsafe_task_names_never_become_paths(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    for name in ("../../escaped", "/abs/escaped"):
+        root = tmp_path / name.replace("/", "_")
+        trows = [{"source": name, "id": str(i)} for i in range(3)]
+        write_store(root / "pool" / "c", torch.randn(20, 64, generator=g), "sign1", checkpoint="c")
+        write_store(root / "target" / "c", torch.randn(3, 64, generator=g), "sign1", checkpoint="c", rows=trows)
+        write_store(root / "t2" / "c", torch.randn(3, 64, generator=g), "sign1", checkpoint="c",
+                    rows=[{"source": "ok", "id": str(i)} for i in range(3)])
+        assert main(["score", "--pool", str(root / "pool"), "--target", str(root / "target"), str(root / "t2"),
+                     "--out", str(root / "s")]) == 0
+        _expect_exit2(["select", "--scores", str(root / "s"), "--out", str(root / "sel")], capsys, "escaped",
+                      "cannot be used as a file or folder name")
+        assert not (root / "sel").exists()
+    assert not list(tmp_path.parent.glob("escaped")) and not os.path.exists("/abs")

@@ -158,6 +158,8 @@ BAD_RECORDS = {
     "empty-completion": ({"prompt": "x", "completion": " "}, "'completion' is empty"),
     "non-string": (qa("x", 3), r"messages\[1\]\.content is a int"),
     "messages-not-list": ({"messages": "hi"}, "'messages' must be a non-empty list"),
+    "object-id": (qa("x", "y", id={"n": 1}), "'id' must be a string or an integer, got dict"),
+    "list-id": (qa("x", "y", id=[1]), "'id' must be a string or an integer"),
 }
 
 
@@ -196,11 +198,22 @@ def test_file_level_errors(tmp_path):
         load_examples(tmp_path / "obj.json")
     binary = tmp_path / "bin.jsonl"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match=f"{binary}:1: cannot read"):
+    with pytest.raises(DataError, match=f"{binary}:1: not UTF-8"):
         load_examples(binary)
     (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
     with pytest.raises(DataError, match="unsupported file type"):
         load_examples(tmp_path / "data.csv")
+
+
+def test_a_bad_byte_is_reported_at_its_own_line(tmp_path):
+    lines = [json.dumps(qa(f"question {i} " + "x" * 60, "answer")) for i in range(200)]
+    text = "\n".join(lines).encode()
+    at = text.index(b"question 149 ")
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(text[:at] + b"\xff" + text[at + 1:])  # a stray byte in line 150, far past the first read buffer
+    with pytest.raises(DataError, match=rf"^{path}:150: not UTF-8"):
+        load_examples(path)
+    assert len(load_examples(path, cfg=DataConfig(on_bad_record="skip"))) == 199
 
 
 def test_skip_bad_records(tmp_path, caplog):

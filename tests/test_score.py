@@ -228,3 +228,23 @@ def test_write_and_read_scores(tmp_path):
     assert values.shape == (60, 2) and len(rows) == 60 and rows[0] == {"source": "pool", "id": "0"}
     np.testing.assert_allclose(values[:, 1], s.aggregate("max")["bbh"])
     assert [c["weight"] for c in manifest["checkpoints"]] == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_every_checkpoint_of_the_warmup_is_required(tmp_path):
+    from qless.errors import StoreError
+
+    both = ["epoch-1", "epoch-2"]
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    trows = [{"source": "t", "id": "0"}]
+    for c in both:
+        write_store(tmp_path / "pool" / c, x, "sign1", checkpoint=c, warmup=both)
+        write_store(tmp_path / "target" / c, x[:1], "sign1", checkpoint=c, rows=trows, warmup=both)
+    from qless.store import open_by_checkpoint
+
+    assert score(open_by_checkpoint([tmp_path / "pool"]), open_by_checkpoint([tmp_path / "target"]), progress=False)
+    import shutil
+
+    shutil.rmtree(tmp_path / "pool" / "epoch-2")
+    shutil.rmtree(tmp_path / "target" / "epoch-2")
+    with pytest.raises(StoreError, match="lack checkpoint.s. epoch-2 of the warmup"):
+        score(open_by_checkpoint([tmp_path / "pool"]), open_by_checkpoint([tmp_path / "target"]), progress=False)

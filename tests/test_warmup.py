@@ -61,8 +61,14 @@ def test_checkpoints_hold_adapter_named_moments_and_lr(tmp_path, tiny_model_dir)
         sched.step()
     assert ckpts[0].learning_rate == pytest.approx(np.mean(lrs[:3]))
     assert ckpts[1].learning_rate == pytest.approx(np.mean(lrs[3:]))
-    # finished warmup: calling again returns the same checkpoints without training
-    again = warmup(pool, tmp_path / "w", cfg, ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+    # finished warmup: calling again returns the same checkpoints without loading a model
+    import qless.training as training
+
+    real, training.load_model = training.load_model, None
+    try:
+        again = warmup(pool, tmp_path / "w", cfg, ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+    finally:
+        training.load_model = real
     assert again == ckpts
 
 
@@ -108,3 +114,53 @@ def test_config_validation():
         WarmupConfig(percent=0)
     with pytest.raises(ConfigError, match="epochs"):
         WarmupConfig(epochs=0)
+
+
+def test_finished_warmup_of_another_pool_is_refused(tmp_path, tiny_model_dir):
+    pool = _pool(tmp_path)
+    warmup(pool, tmp_path / "w", _cfg(epochs=1), ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+    other = load_examples(write_jsonl(tmp_path / "other.jsonl", toy_pool(24, seed=9)))  # same size, other examples
+    with pytest.raises(ConfigError, match="pool_sha256"):
+        warmup(other, tmp_path / "w", _cfg(epochs=1), ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+    with pytest.raises(ConfigError, match=r"warmup\.seed: 3 vs 4"):
+        warmup(pool, tmp_path / "w", _cfg(epochs=1, seed=4), ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+
+
+def test_second_warmup_in_the_same_folder_is_refused(tmp_path, tiny_model_dir):
+    from qless.errors import BusyError
+    from qless.files import hold_lock
+
+    (tmp_path / "w").mkdir()
+    held = hold_lock(tmp_path / "w" / ".warmup.lock", "another warmup")
+    with pytest.raises(BusyError):
+        warmup(_pool(tmp_path), tmp_path / "w", _cfg(epochs=1), ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+    held.release()
+
+
+def test_damaged_warmup_json_is_named(tmp_path, tiny_model_dir):
+    from qless.errors import StoreError, UnsafeNameError
+
+    warmup(_pool(tmp_path), tmp_path / "w", _cfg(epochs=1), ModelConfig(model=str(tiny_model_dir)), ADAPTER, progress=False)
+    path = tmp_path / "w" / "warmup.json"
+    good = json.loads(path.read_text())
+    path.write_text("{not json")
+    with pytest.raises(StoreError, match="warmup.json: not valid JSON"):
+        read_checkpoints(tmp_path / "w")
+    for bad, error, needle in (({"checkpoints": "all"}, StoreError, "'checkpoints' must be a list"),
+                               ({"checkpoints": [{**good["checkpoints"][0], "learning_rate": "high"}]}, StoreError, "learning_rate"),
+                               ({"checkpoints": [{**good["checkpoints"][0], "name": "../../elsewhere"}]}, UnsafeNameError,
+                                "elsewhere"),
+                               ({"settings": None}, StoreError, "settings")):
+        path.write_text(json.dumps({**good, **bad}))
+        with pytest.raises(error, match=needle):
+            read_checkpoints(tmp_path / "w")
+
+
+def test_step_loss_counts_only_predicted_labels():
+    """The loss of a step is divided by the labels the loss takes (positions 1..T-1), as in extraction."""
+    from qless.data import IGNORE_INDEX, Tokenized
+    from qless.training import _step_tokens
+
+    a = Tokenized(None, [5, 6, 7], [5, 6, 7], False)  # position 0 labelled: it predicts nothing
+    b = Tokenized(None, [5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8], False)
+    assert _step_tokens([a, b]) == 4

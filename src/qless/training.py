@@ -178,6 +178,12 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: WarmupConfig, total_steps: 
     return make(optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
 
 
+def _step_tokens(batch: Sequence[Tokenized]) -> int:
+    """Labels a step's loss is averaged over: positions 1..T-1 (position 0 predicts nothing),
+    counted as extraction counts them."""
+    return sum(sum(1 for lab in t.labels[1:] if lab != IGNORE_INDEX) for t in batch)
+
+
 def _micro_batches(items: Sequence[Tokenized], size: int) -> list[list[Tokenized]]:
     """Split a step's examples into micro-batches of similar length (less padding)."""
     order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
@@ -290,8 +296,7 @@ def _warmup(pool: Sequence[Example], out_dir: Path, cfg: WarmupConfig, model_cfg
         start = time.perf_counter()
         for s in bar:
             batch = [items[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-            # position 0 predicts nothing: count the labels the loss takes, as extraction does
-            n_tokens = sum(sum(1 for lab in t.labels[1:] if lab != IGNORE_INDEX) for t in batch)
+            n_tokens = _step_tokens(batch)
             total = 0.0
             for micro in _micro_batches(batch, cfg.micro_batch_size):
                 tensors = {k: v.to(device) for k, v in collate(micro, pad).items()}
