@@ -18,27 +18,9 @@ from qless.gradients import (
     lora_parameters,
     per_example_gradients_loop,
 )
+from utils import ADAM_RTOL, BF16_RTOL, FLOAT32_RTOL, FLOAT64_RTOL, INVARIANCE_RTOL_FLOAT32, QUANTIZED_RTOL
 
 VOCAB = 320
-
-FLOAT64_RTOL = 1e-10
-"""Batched and loop paths both in float64: they differ only in summation order."""
-
-FLOAT32_RTOL = 1e-4
-"""Batched float32 vs the float64 loop: float32 rounding (~1e-7) compounded through the layers and the sum over T."""
-
-INVARIANCE_RTOL_FLOAT32 = 1e-5
-"""Same float32 computation in batches of different shapes: only matmul blocking (summation order) changes."""
-
-BF16_RTOL = 5e-2
-"""bfloat16 base weights against the float64 loop: bf16 activations keep 8 significant bits (~4e-3) per op."""
-
-QUANTIZED_RTOL = 1e-3
-"""bitsandbytes base layers in float32 against the same quantized model run one example at a time:
-int8 activations are quantized per token, so only summation order and fp16 casts inside bnb differ."""
-
-ADAM_RTOL = 1e-12
-"""adam_direction in float64 against the same formula written out element by element in float64."""
 
 LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LLAMA_ALL = LLAMA_ATTN + ["gate_proj", "up_proj", "down_proj"]

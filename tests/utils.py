@@ -28,6 +28,34 @@ SKEW_MARGIN = 1.0
 
 # -- Exact paths: fast code against a float64 reference --------------------------------------
 
+# Per-example gradients, batched against the one-example loop (tests/test_gradients.py, test_extract.py):
+# both in float64: they differ only in summation order.
+FLOAT64_RTOL = 1e-10
+# batched float32 against the float64 loop: float32 rounding (~1e-7) compounded through the layers and the sum over T.
+FLOAT32_RTOL = 1e-4
+# the same float32 computation in batches of other shapes: only matmul blocking (summation order) changes.
+INVARIANCE_RTOL_FLOAT32 = 1e-5
+# bfloat16 base weights against the float64 loop: bf16 activations keep 8 significant bits (~4e-3) per op.
+BF16_RTOL = 5e-2
+# bitsandbytes base layers in float32 against the same quantized model run one example at a time:
+# int8 activations are quantized per token, so only summation order and fp16 casts inside bnb differ.
+QUANTIZED_RTOL = 1e-3
+# adam_direction in float64 against the same formula written out element by element in float64.
+ADAM_RTOL = 1e-12
+# Extracted rows (float32 gradients, Adam direction and projection) against the float64 reference rows.
+ROW_REL_TOL = FLOAT32_RTOL
+# The same float32 extraction with another thread count: CPU kernels may sum in another order, which moves
+# a row by float32 rounding (2^-24 ~ 6e-8 per operation, a few hundred operations deep).
+THREADS_REL_TOL = 1e-5
+# An NF4 model against a float32 model holding its dequantised weights: the same arithmetic up to the
+# order in which bitsandbytes dequantises and multiplies.
+NF4_DEQUANT_RTOL = 1e-4
+# LLM.int8 against float32 logits (|logit| ~ 1): vector-wise 8-bit rounding of weights and activations gives
+# about 1/127 relative error per dot product; 0.02 absolute allows a few of those to add up.
+INT8_LOGIT_ATOL = 0.02
+# A converted GGUF folder against the GGUF loaded by transformers: the same float32 tensors, only kernel noise.
+GGUF_LOGIT_ATOL = 1e-4
+
 # Scores: float32 decode and matmul against float64; sums of cosines (|s| <= 1) over k <= 8192
 # float32 products, rounding ~ sqrt(k) * 2^-24 ~ 1e-6: 1e-5 absolute is ample.
 SCORE_ATOL = 1e-5
