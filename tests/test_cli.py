@@ -398,3 +398,11 @@ def test_unsafe_task_names_never_become_paths(tmp_path, capsys):
                       "cannot be used as a file or folder name")
         assert not (root / "sel").exists()
     assert not list(tmp_path.parent.glob("escaped")) and not os.path.exists("/abs")
+
+
+def test_non_finite_flag_values_exit_2(tmp_path, capsys):
+    _expect_exit2(["warmup", "--pool", "p.jsonl", "--out", str(tmp_path / "w"), "--learning-rate", "nan"], capsys,
+                  "--learning-rate", "finite number")
+    _expect_exit2(["warmup", "--pool", "p.jsonl", "--out", str(tmp_path / "w"), "--learning_rate", "inf"], capsys,
+                  "finite number")
+    assert not (tmp_path / "w").exists()

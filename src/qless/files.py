@@ -137,6 +137,15 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def read_json(path: str | Path, error: type[Exception], fix: str) -> Any:
+    """The JSON value in ``path``; ``error`` naming the file, the problem and ``fix`` when it is
+    unreadable or not JSON (an artefact damaged or written by something else)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """:func:`atomic_write_text` of ``obj`` as indented JSON with sorted keys."""
     atomic_write_text(path, dumps(obj))

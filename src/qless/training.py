@@ -39,7 +39,7 @@ from qless.config import Config, describe_differences, option, to_dict
 from qless.console import progress_bar
 from qless.data import IGNORE_INDEX, DataConfig, Example, Tokenized, collate, examples_digest, tokenize_examples
 from qless.errors import ConfigError, DataError, ModelError, StoreError
-from qless.files import atomic_folder, atomic_write_json, dumps, locked, safe_name
+from qless.files import atomic_folder, atomic_write_json, dumps, locked, read_json, safe_name
 from qless.gradients import lora_parameters
 from qless.models import AdapterConfig, ModelConfig, adapter_identity, attach_lora, load_model, set_adapter_weights
 
@@ -124,10 +124,7 @@ def read_warmup(warmup_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{warmup_dir}: no warmup.json; run `qless warmup` first (or give its output folder)")
     fix = "the warmup folder is damaged or not a qless warmup: run `qless warmup` into a new folder"
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e}); {fix}") from None
+    info = read_json(path, StoreError, fix)
     if not isinstance(info, dict) or info.get("format") != WARMUP_FORMAT:
         raise StoreError(f"{path}: not a qless warmup record (field 'format' must be {WARMUP_FORMAT!r}); {fix}")
     settings = info.get("settings")
@@ -219,11 +216,12 @@ def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[st
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+    fix = f"delete {ckpt} and resume the warmup"
+    meta = read_json(ckpt / "checkpoint.json", StoreError, fix)
     try:
-        meta = json.loads((ckpt / "checkpoint.json").read_text(encoding="utf-8"))
         step, epoch = int(meta["step"]), int(meta["epoch"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"{ckpt / 'checkpoint.json'}: unreadable ({e}); delete {ckpt} and resume the warmup") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{ckpt / 'checkpoint.json'}: field {e} is missing or not a number; {fix}") from None
     meta.update(step=step, epoch=epoch)
     moments = Checkpoint(ckpt, ckpt.name, 0.0, 0, 0).moments()
     for name, p in params:

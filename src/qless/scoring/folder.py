@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from qless import __version__
 from qless.config import to_dict
 from qless.errors import ConfigError, StoreError
-from qless.files import atomic_folder, dumps
+from qless.files import atomic_folder, dumps, read_json
 from qless.scoring.driver import ScoreConfig, Scores
 from qless.store import Datastore
 from qless.store.derive import content_digest
@@ -81,10 +80,7 @@ def read_scores(path: str | Path) -> tuple[dict[str, Any], np.ndarray, list[dict
     fix = "re-run `qless score` into a new folder"
     if not mpath.is_file():
         raise StoreError(f"{path}: not a scores folder (no manifest.json); run `qless score` first")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{mpath}: not valid JSON ({e}); {fix}") from None
+    manifest = read_json(mpath, StoreError, fix)
     if not isinstance(manifest, dict) or manifest.get("format") != SCORES_FORMAT:
         raise StoreError(f"{mpath}: not a qless scores manifest; {fix}")
     n_pool, tasks = manifest.get("n_pool"), manifest.get("tasks")

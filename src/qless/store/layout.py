@@ -17,7 +17,6 @@ One store holds one checkpoint's gradients of one set of examples in one format:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -26,7 +25,7 @@ from typing import Any
 
 from qless import __version__
 from qless.errors import QlessError, StoreError, StoreMismatchError
-from qless.files import atomic_write_json
+from qless.files import atomic_write_json, read_json
 from qless.quantize import QuantizerSpec
 
 FORMAT = "qless-datastore"
@@ -118,10 +117,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: no such datastore directory; give the folder that holds {MANIFEST}")
     if not mpath.is_file():
         raise StoreError(f"{mpath}: manifest missing; this folder is not a qless datastore (or its write never started)")
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{mpath}: manifest is not valid JSON ({e}); the store is corrupt, re-run the extraction that wrote it") from None
+    m = read_json(mpath, StoreError, "the store is corrupt, re-run the extraction that wrote it")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{mpath}: not a qless datastore manifest (field 'format' must be {FORMAT!r})")
     if m.get("format_version") != FORMAT_VERSION:
@@ -217,10 +213,7 @@ class ShardState:
     @classmethod
     def read(cls, path: Path) -> ShardState:
         fix = "delete this shard folder and re-run its extraction"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: shard state unreadable ({e}); {fix}") from None
+        data = read_json(path, StoreError, fix)
         if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
             raise StoreError(f"{path}: shard state must be an object with fields {', '.join(f.name for f in fields(cls))}; {fix}")
         for f in fields(cls):
