@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qless import __version__
+from qless.config import describe_differences, differences
 from qless.errors import QlessError, StoreError, StoreMismatchError
 from qless.files import atomic_write_json, read_json
 from qless.quantize import QuantizerSpec
@@ -81,33 +82,11 @@ def new_manifest(
     }
 
 
-def differences(a: Mapping[str, Any], b: Mapping[str, Any], fields: Sequence[str], prefix: str = "") -> list[str]:
-    """Dotted paths of the listed fields (recursively) where ``a`` and ``b`` differ."""
-    out: list[str] = []
-    for name in fields:
-        va, vb = a.get(name), b.get(name)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += differences(va, vb, sorted(set(va) | set(vb)), f"{prefix}{name}.")
-        elif va != vb:
-            out.append(f"{prefix}{name}")
-    return out
-
-
-def _lookup(m: Mapping[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        m = m.get(part) if isinstance(m, Mapping) else None  # type: ignore[assignment]
-    return m
-
-
 def require_same(a: Mapping[str, Any], b: Mapping[str, Any], fields: Sequence[str], what_a: str, what_b: str, fix: str) -> None:
-    """Raise StoreMismatchError naming the first differing field, both values and the fix."""
-    diff = differences(a, b, fields)
+    """Raise StoreMismatchError naming the first differing field (in ``fields`` order), both values and the fix."""
+    diff = [path for name in fields for path in differences(a.get(name), b.get(name), f"{name}.")]
     if diff:
-        first = diff[0]
-        more = f" (and {len(diff) - 1} more: {', '.join(diff[1:4])}{'...' if len(diff) > 4 else ''})" if len(diff) > 1 else ""
-        raise StoreMismatchError(
-            f"{what_a} and {what_b} differ in {first}: {_lookup(a, first)!r} vs {_lookup(b, first)!r}{more}. {fix}"
-        )
+        raise StoreMismatchError(f"{what_a} and {what_b} differ in {describe_differences(a, b, diff)}. {fix}")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
