@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from qless.errors import ConfigError
 from qless.project import (
@@ -27,22 +28,29 @@ from utils import (
     sd_band,
 )
 
+SPARSE = [("sparse", 1), ("sparse", 2), ("sparse", 4)]
+KINDS = [("rademacher", 1), ("gaussian", 1), *SPARSE]  # (kind, nnz)
+SIGN_KINDS = [("rademacher", 1), *SPARSE]  # cheap to generate: invariance tests of the summation path
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+
+@pytest.mark.parametrize("kind,nnz", KINDS)
 @pytest.mark.parametrize("chunk", [1, 5, 64, 1000])
-def test_chunked_entries_equal_dense_reference(kind, chunk):
-    cfg = ProjectionConfig(kind=kind, dim=96, seed=12345, chunk_size=chunk)
+def test_chunked_entries_equal_dense_reference(kind, nnz, chunk):
+    # sparse entries are +-sqrt(k / nnz): exact in float64, one float32 rounding in float32
+    cfg = ProjectionConfig(kind=kind, dim=96, nnz=nnz, seed=12345, chunk_size=chunk)
     ref = dense_reference(cfg, 70)
-    got = torch.cat([matrix_rows(cfg, a, min(a + chunk, 70)) for a in range(0, 70, chunk)]).double().numpy()
-    np.testing.assert_array_equal(got, ref)
+    for dtype, want in [(torch.float32, ref.astype(np.float32)), (torch.float64, ref)]:
+        got = torch.cat([matrix_rows(cfg, a, min(a + chunk, 70), dtype=dtype) for a in range(0, 70, chunk)]).numpy()
+        np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_entries_at_large_row_indices_equal_reference(kind):
+@pytest.mark.parametrize("kind,nnz", KINDS)
+def test_entries_at_large_row_indices_equal_reference(kind, nnz):
     # input coordinates beyond 2^32 use the high word of the index
-    cfg = ProjectionConfig(kind=kind, dim=40, seed=2**40 + 3)
+    cfg = ProjectionConfig(kind=kind, dim=40, nnz=nnz, seed=2**40 + 3)
     first = 2**33 + 17
-    np.testing.assert_array_equal(matrix_rows(cfg, first, first + 9).double().numpy(), dense_reference(cfg, 9, first))
+    got = matrix_rows(cfg, first, first + 9, dtype=torch.float64).numpy()
+    np.testing.assert_array_equal(got, dense_reference(cfg, 9, first))
     assert not np.array_equal(dense_reference(cfg, 9, first), dense_reference(cfg, 9, 17))
 
 
@@ -67,11 +75,11 @@ def test_entry_statistics():
     assert off.abs().max() < 5 / math.sqrt(256)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind,nnz", KINDS)
 @pytest.mark.parametrize("batch,chunk", [(1, 7), (3, 64), (16, 333), (5, 5000)])
-def test_projection_matches_float64_reference(kind, batch, chunk):
+def test_projection_matches_float64_reference(kind, nnz, batch, chunk):
     d = 300
-    cfg = ProjectionConfig(kind=kind, dim=128, seed=3, chunk_size=chunk)
+    cfg = ProjectionConfig(kind=kind, dim=128, nnz=nnz, seed=3, chunk_size=chunk)
     x = np.random.default_rng(0).standard_normal((batch, d))
     got = Projector(cfg, d)(torch.tensor(x, dtype=torch.float32)).double().numpy()
     ref = project_reference(cfg, x)
@@ -89,9 +97,10 @@ def test_bfloat16_projection_within_tolerance():
     assert err.max() < BF16_REL_TOL
 
 
-def test_blocks_sum_to_whole_projection():
+@pytest.mark.parametrize("kind,nnz", SIGN_KINDS)
+def test_blocks_sum_to_whole_projection(kind, nnz):
     d = 500
-    cfg = ProjectionConfig(dim=64, seed=9, chunk_size=37)
+    cfg = ProjectionConfig(kind=kind, dim=64, nnz=nnz, seed=9, chunk_size=37)
     x = torch.randn(4, d, generator=torch.Generator().manual_seed(0))
     p = Projector(cfg, d)
     whole = p(x)
@@ -101,13 +110,78 @@ def test_blocks_sum_to_whole_projection():
         p.project(x[:, :10], 495)
 
 
-def test_same_input_same_batch_same_bytes():
+@pytest.mark.parametrize("kind,nnz", SIGN_KINDS)
+def test_same_input_same_batch_same_bytes(kind, nnz):
     d = 1000
-    cfg = ProjectionConfig(dim=512, seed=5, chunk_size=100)
+    cfg = ProjectionConfig(kind=kind, dim=512, nnz=nnz, seed=5, chunk_size=100)
     x = torch.randn(6, d, generator=torch.Generator().manual_seed(2))
     a = Projector(cfg, d)(x).numpy().tobytes()
     b = Projector(cfg, d)(x.clone()).numpy().tobytes()
     assert a == b
+
+
+@pytest.mark.parametrize("nnz", [1, 2, 4])
+def test_sparse_matches_reference_and_has_one_entry_per_block(nnz):
+    """Each input coordinate (row of R) has exactly ``nnz`` non-zeros, one in each block of
+    ``m = k / nnz`` columns, each ``+-sqrt(k / nnz)`` (so ``R / sqrt(k)`` carries ``+-1/sqrt(nnz)``
+    and every row of the projection has unit norm); the projector agrees with ``x R / sqrt(k)``."""
+    d, k = 500, 96
+    m = k // nnz
+    cfg = ProjectionConfig(kind="sparse", dim=k, nnz=nnz, seed=77)
+    ref = dense_reference(cfg, d)
+    assert ((ref != 0).sum(1) == nnz).all()
+    assert ((ref.reshape(d, nnz, m) != 0).sum(2) == 1).all()
+    np.testing.assert_array_equal(np.abs(ref[ref != 0]), math.sqrt(k / nnz))
+    assert {-1.0, 1.0} <= set(np.sign(ref[ref != 0]).tolist())
+    x = np.random.default_rng(4).standard_normal((6, d))
+    got = Projector(cfg, d)(torch.tensor(x, dtype=torch.float32)).double().numpy()
+    want = project_reference(cfg, x)
+    err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() < FP32_REL_TOL
+
+
+@pytest.mark.parametrize("kind,nnz", [*SPARSE, ("rademacher", 1)])
+def test_inner_product_estimate_unbiased_with_theoretical_variance(kind, nnz):
+    """Over ``n = 400`` seeds (Rademacher: 400 disjoint groups of k columns of one matrix),
+    ``T = <Px, Py>`` for fixed unit ``x, y`` (d = 1024, k = 128) has mean ``<x, y>`` and variance
+    ``V = (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / k``, the same for every sparse
+    ``nnz`` and for dense Rademacher (the cross terms ``sigma_i sigma_i' x_i y_i'`` over colliding
+    pairs ``i != i'``: each ordered pair collides in a block with probability ``1 / m``, ``nnz``
+    independent blocks weighted ``1 / nnz^2``, so ``V = .../(nnz m)``).
+    Checks, each given ``FAIL_PROB / 2``:
+
+    * the sample mean within ``sd_band`` sd of ``<x, y>`` (sd ``sqrt(V / n)``; ``T`` has skewness at
+      most ``2.8 / sqrt(k)``, the mean's is 20x smaller);
+    * the sample variance in the two-sided chi-square band: ``s^2 / V ~ chi^2_nu / nu`` with
+      ``nu = 1 / (1/(n-1) + g/(2n))`` matching ``Var(s^2) = V^2 (2/(n-1) + g/n)``, ``g`` the excess
+      kurtosis of ``T``: a sum of k (nearly) independent products of nearly Gaussian bucket sums,
+      each product's excess kurtosis at most 12 (the bivariate-normal value at ``|rho| = 1``), so
+      ``g <= 12 / k``.
+
+    ``x`` and ``y`` have a common offset (``sum_i x_i`` ~ 14): a sketch without random signs is
+    biased by ``((sum x)(sum y) - <x, y>) / m`` ~ 1.4, over 40 bands. A scale off by 2.5% moves the
+    mean by a band (0.032 of 0.67); half as many buckets (or blocks sharing one hash) doubles ``V``,
+    past the band's upper edge (1.41; lower edge 0.68)."""
+    d, k, n = 1024, 128, 400
+    fail = FAIL_PROB / 2
+    g = np.random.default_rng(8).standard_normal((2, d))
+    x, y = 0.5 + g[0], 0.5 + 0.6 * g[0] + 0.8 * g[1]
+    x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
+    dot = x @ y
+    var = (1 + dot**2 - 2 * np.sum(x**2 * y**2)) / k
+    rows = torch.tensor(np.vstack([x, y]), dtype=torch.float32)
+    if kind == "rademacher":  # independent columns: n groups of k columns of one seed's matrix (faster)
+        out = Projector(ProjectionConfig(kind=kind, dim=n * k, seed=1000, chunk_size=64), d)(rows).double()
+        est = (out[0] * out[1]).reshape(n, k).sum(1).numpy() * n  # rescale 1/(n k) to 1/k
+    else:
+        est = np.empty(n)
+        for i in range(n):
+            out = Projector(ProjectionConfig(kind=kind, dim=k, nnz=nnz, seed=1000 + i), d)(rows).double()
+            est[i] = (out[0] @ out[1]).item()
+    assert abs(est.mean() - dot) <= sd_band(fail) * math.sqrt(var / n)
+    nu = 1 / (1 / (n - 1) + (12 / k) / (2 * n))
+    ratio = est.var(ddof=1) / var
+    assert stats.chi2.ppf(fail / 2, nu) / nu <= ratio <= stats.chi2.isf(fail / 2, nu) / nu
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -147,10 +221,46 @@ def test_johnson_lindenstrauss_norms_and_cosines(kind):
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="kind"):
-        ProjectionConfig(kind="sparse")
+        ProjectionConfig(kind="countsketch")
     with pytest.raises(ConfigError, match="dim"):
         ProjectionConfig(dim=0)
     with pytest.raises(ConfigError, match="even"):
         ProjectionConfig(kind="gaussian", dim=7)
     with pytest.raises(ConfigError, match="seed"):
         ProjectionConfig(seed=-1)
+    for nnz in (0, -2, 5, 7, 64, 128):  # not a positive divisor of 96
+        with pytest.raises(ConfigError, match="nnz"):
+            ProjectionConfig(kind="sparse", dim=96, nnz=nnz)
+    for kind in ("rademacher", "gaussian", "none"):
+        with pytest.raises(ConfigError, match="nnz"):
+            ProjectionConfig(kind=kind, dim=96, nnz=2)
+    for nnz in (1, 2, 3, 32, 96):
+        assert ProjectionConfig(kind="sparse", dim=96, nnz=nnz).out_dim(1000) == 96
+
+
+def test_identity_records_nnz_for_sparse_only():
+    # dense manifests keep exactly the keys they had before the sparse kind existed
+    for kind in ("rademacher", "gaussian"):
+        cfg = ProjectionConfig(kind=kind, dim=64, seed=3, chunk_size=7, compute_dtype="bfloat16")
+        assert cfg.identity(100) == {"kind": kind, "dim": 64, "seed": 3, "input_dim": 100}
+    sparse = ProjectionConfig(kind="sparse", dim=64, nnz=4, seed=3)
+    assert sparse.identity(100) == {"kind": "sparse", "dim": 64, "seed": 3, "input_dim": 100, "nnz": 4}
+    assert ProjectionConfig(kind="sparse", dim=64, nnz=2, seed=3).identity(100) != sparse.identity(100)
+
+
+def test_kind_none_is_the_identity():
+    d = 300
+    cfg = ProjectionConfig(kind="none", dim=64, seed=3, chunk_size=7)
+    assert cfg.out_dim(d) == d
+    assert cfg.identity(d) == {"kind": "none", "dim": d, "seed": 3, "input_dim": d}
+    p = Projector(cfg, d)
+    assert p.out_dim == d
+    x = torch.randn(5, d, generator=torch.Generator().manual_seed(3))
+    out = p(x)
+    assert out.dtype == torch.float32 and out.shape == (5, d)
+    assert torch.equal(out, x)
+    parts = p.project(x[:, :120], 0) + p.project(x[:, 120:], 120)
+    assert torch.equal(parts, x)
+    np.testing.assert_array_equal(project_reference(cfg, x.double().numpy()), x.double().numpy())
+    with pytest.raises(ValueError):
+        p.project(x[:, :10], 295)

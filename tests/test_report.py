@@ -1,11 +1,11 @@
-"""Report helpers: rank agreement measures (the plots are exercised by the pipeline test)."""
+"""The report's rank agreement measures (the plots are exercised by the pipeline test)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qless.report import spearman, top_overlap
+from qless.fidelity.metrics import recall_at, spearman
 
 
 def test_spearman_known_values():
@@ -19,4 +19,5 @@ def test_spearman_known_values():
 def test_top_overlap():
     a = np.array([5.0, 4, 3, 2, 1])
     b = np.array([5.0, 1, 3, 2, 4])
-    assert top_overlap(a, b, 2) == 0.5 and top_overlap(a, a, 3) == 1.0 and top_overlap(a, b, 5) == 1.0
+    # top 40% of 5 rows = 2 rows: {0, 1} against {0, 4}
+    assert recall_at(a, b, 40) == 0.5 and recall_at(a, a, 60) == 1.0 and recall_at(a, b, 100) == 1.0

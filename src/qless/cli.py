@@ -71,6 +71,7 @@ def _cmd_warmup(ns: argparse.Namespace) -> int:
 
 
 def _cmd_extract(ns: argparse.Namespace) -> int:
+    from qless.config import to_dict
     from qless.data import DataConfig
     from qless.extraction import ExtractConfig
     from qless.models import ModelConfig
@@ -80,11 +81,26 @@ def _cmd_extract(ns: argparse.Namespace) -> int:
     # model and tokenization default to the warmup's own (flags override, e.g. --quantization nf4),
     # except trust_remote_code, which only the flag turns on
     model_base, data_base = warmup_defaults(ns.warmup)
+    extract_base = projection_base = None
+    if ns.from_recommendation:
+        # the recommended setting sits over the preset and the warmup's model; flags still win
+        from qless.config import from_dict, merge
+        from qless.fidelity.recommend import read_recommendation
+        from qless.presets import preset_section
+
+        rec = read_recommendation(ns.from_recommendation)
+        where = f"{ns.from_recommendation}:"
+        if "dtype" in rec.get("model", {}):
+            model_base = from_dict(ModelConfig, {**to_dict(model_base), "dtype": rec["model"]["dtype"]}, where)
+        extract_base = from_dict(ExtractConfig, merge(preset_section(ns.preset, "extract"), rec.get("extract", {})), where)
+        projection_base = from_dict(ProjectionConfig, merge(preset_section(ns.preset, "projection"),
+                                                            rec.get("projection", {})), where)
     model_cfg = _preset_config(ModelConfig, "model", ns, base=model_base)
     data_cfg = _preset_config(DataConfig, "data", ns, base=data_base)
-    result = run_extract(ns.warmup, {ns.name: (ns.data, ns.kind)}, ns.out, _preset_config(ExtractConfig, "extract", ns),
-                         _preset_config(ProjectionConfig, "projection", ns, prefix="projection"), model=model_cfg,
-                         data=data_cfg, checkpoints=ns.checkpoints)
+    result = run_extract(ns.warmup, {ns.name: (ns.data, ns.kind)}, ns.out,
+                         _preset_config(ExtractConfig, "extract", ns, base=extract_base),
+                         _preset_config(ProjectionConfig, "projection", ns, prefix="projection", base=projection_base),
+                         model=model_cfg, data=data_cfg, checkpoints=ns.checkpoints)
     for tag, paths in result[ns.name].items():
         print(f"{tag}: {', '.join(map(str, paths))}")
     return 0
@@ -120,7 +136,12 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from qless.config import to_dict
     from qless.pipeline import load_run_config, run
 
-    cfg = load_run_config(ns.config, ns.preset, ns.overrides)
+    recommendation = None
+    if ns.from_recommendation:
+        from qless.fidelity.recommend import read_recommendation
+
+        recommendation = read_recommendation(ns.from_recommendation)
+    cfg = load_run_config(ns.config, ns.preset, ns.overrides, recommendation=recommendation)
     if ns.dry_run:
         import yaml
 
@@ -141,6 +162,25 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     from qless.pipeline import run_report
 
     print(f"report: {run_report(ns.run_dir) / 'report.md'}")
+    return 0
+
+
+def _cmd_fidelity(ns: argparse.Namespace) -> int:
+    from qless.fidelity import FidelityConfig, fidelity
+
+    report = fidelity(ns.run_dir, ns.out, from_args(FidelityConfig, ns))
+    out = Path(ns.out) if ns.out else Path(ns.run_dir) / "fidelity"
+    rec = report["recommendation"]
+    print(f"fidelity of {len(report['settings'])} settings on a probe of {report['probe']['pool_rows']} pool rows: "
+          f"{out / 'fidelity.md'}")
+    if rec["met"]:
+        s = rec["setting"]
+        k = "" if s["projection"] == "none" else f" k={s['k']}"
+        print(f"recommended ({rec['rule']}): {s['model_dtype']} model, projection {s['projection']}{k}, {s['format']}, "
+              f"{s['bytes_per_example']} bytes per example and checkpoint; worst task {s['worst_task_value']:.3f}")
+        print(f"use it: qless extract ... --from-recommendation {out / 'recommendation.json'}")
+    else:
+        print(f"no measured setting meets {rec['rule']}; see {out / 'fidelity.md'}")
     return 0
 
 
@@ -211,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qless.data import DataConfig
     from qless.embedded import BenchmarkConfig
     from qless.extraction import ExtractConfig
+    from qless.fidelity import FidelityConfig
     from qless.models import AdapterConfig, ModelConfig
     from qless.presets import PRESETS
     from qless.project import ProjectionConfig
@@ -260,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (ModelConfig, DataConfig, ExtractConfig):
         add_arguments(p, cls)
     add_arguments(p, ProjectionConfig, prefix="projection")
+    p.add_argument("--from-recommendation", metavar="FILE", help="take model dtype, projection and format from a "
+                   "recommendation.json of `qless fidelity` (flags still override)")
     _COMMANDS["extract"] = _cmd_extract
 
     p = _subcommand(sub, "score", "score pool gradients against target gradients",
@@ -289,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=presets, default=None, help="settings under the file's (default: the file's "
                    "preset key, else paper)")
     p.add_argument("--dry-run", action="store_true", help="check the config and print it resolved, without running")
+    p.add_argument("--from-recommendation", metavar="FILE", help="take model dtype, projection and format from a "
+                   "recommendation.json of `qless fidelity`, over the file's settings (overrides still win)")
     _COMMANDS["run"] = _cmd_run
 
     p = _subcommand(sub, "demo", "the embedded demo: SmolLM2-135M-Instruct, a real mixed pool, MMLU/BBH/SQuAD targets",
@@ -297,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=400, help="pool examples (default: 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of the benchmark draw and the warmup (default: 0)")
     _COMMANDS["demo"] = _cmd_demo
+
+    p = _subcommand(sub, "fidelity", "measure every projection and quantizer setting against exact scores on a "
+                    "probe of a run, and recommend the cheapest that keeps the selection",
+                    "qless fidelity runs/demo --probe-size 2000 --criterion recall@5 --threshold 0.9")
+    p.add_argument("run_dir", help="a folder written by `qless run` or `qless demo` (its warmup is used)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/fidelity; an interrupted probe resumes there)")
+    add_arguments(p, FidelityConfig)
+    _COMMANDS["fidelity"] = _cmd_fidelity
 
     p = _subcommand(sub, "report", "write the report of a finished run again (plots and report.md)",
                     "qless report runs/demo")

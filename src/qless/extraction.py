@@ -135,7 +135,7 @@ class Extractor:
         self.projector = Projector(projection, self.grads.dim, self.device)
         self.buffer_rows = max(1, min(cfg.chunk_size, cfg.buffer_mb * 2**20 // (4 * self.grads.dim)))
         log.info("LoRA gradient dimension d = %d; projecting to k = %d, %d rows per projection pass",
-                 self.grads.dim, projection.dim, self.buffer_rows)
+                 self.grads.dim, self.projector.out_dim, self.buffer_rows)
 
     # -- one set -------------------------------------------------------------------------------
 
@@ -281,7 +281,7 @@ class Extractor:
     def _chunk(self, chunk: Sequence[Tokenized], moments: tuple | None) -> tuple[torch.Tensor, dict[int, str]]:
         """Projected gradient rows ``[len(chunk), k]`` (CPU float32) in chunk order, and the
         indices of rows with a non-finite gradient (their rows are zero) with the reason."""
-        out = torch.zeros(len(chunk), self.projection.dim)
+        out = torch.zeros(len(chunk), self.projector.out_dim)
         bad: dict[int, str] = {}
         pending: list[tuple[list[int], torch.Tensor]] = []
         pending_rows = 0

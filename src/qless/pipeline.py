@@ -87,10 +87,14 @@ class RunConfig(Config):
 
 
 def load_run_config(path: str | Path | None = None, preset: str | None = None,
-                    overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
+                    overrides: Sequence[str] | Mapping[str, Any] = (), *,
+                    recommendation: Mapping[str, Any] | None = None) -> RunConfig:
     """A run config from a JSON or YAML file, layered over a preset (``preset``, else the file's
-    ``preset`` key, else ``paper``), with ``SECTION.FIELD=VALUE`` overrides applied last."""
+    ``preset`` key, else ``paper``), then the sections of a ``qless fidelity`` recommendation,
+    with ``SECTION.FIELD=VALUE`` overrides applied last."""
     data = read_config_file(path) if path is not None else {}
+    if recommendation:
+        data = merge(data, dict(recommendation))
     file_preset = data.pop("preset", None)
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
     over_preset = over.pop("preset", None)
@@ -228,6 +232,7 @@ def _random_baseline(folder: Path, scores_dir: Path, cfg: SelectConfig, records:
 def run_report(run_dir: str | Path) -> Path:
     """(Re)write ``RUN/report`` from a run folder's config, scores and selections."""
     from qless.report import write_report
+    from qless.store import read_manifest
 
     run_dir = Path(run_dir)
     saved = run_dir / "config.json"
@@ -242,8 +247,11 @@ def run_report(run_dir: str | Path) -> Path:
     groups = json.loads(groups_path.read_text(encoding="utf-8")) if groups_path.is_file() else None
     scores_dirs = {spec.tag: run_dir / "scores" / spec.tag for spec in cfg.extract.specs}
     selections = {task: run_dir / "selected" / task for task in summary["tasks"]}
+    k = cfg.projection.dim
+    for manifest in sorted((run_dir / "grads" / summary["format"] / "pool").glob("*/manifest.json"))[:1]:
+        k = read_manifest(manifest.parent)["projection"]["dim"]  # kind none stores d coordinates
     return write_report(run_dir / "report", scores_dirs, summary["format"], selections, run_dir / "selected" / "random",
-                        cfg.select.percent, cfg.projection.dim, groups)
+                        cfg.select.percent, k, groups, fidelity_dir=run_dir / "fidelity")
 
 
 def _summary(run_dir: Path, grads: Path, scores_dirs: dict[str, Path], selected: Mapping[str, Any], report_dir: Path,

@@ -23,24 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from qless.fidelity.metrics import recall_at, spearman
 from qless.files import atomic_folder
 from qless.quantize import QuantizerSpec
 from qless.scoring import read_scores
 
 log = logging.getLogger(__name__)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two score vectors (ties broken by position)."""
-    ra, rb = np.argsort(np.argsort(a, kind="stable")), np.argsort(np.argsort(b, kind="stable"))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def top_overlap(a: np.ndarray, b: np.ndarray, n: int) -> float:
-    """Fraction of the top ``n`` rows by ``a`` that are also in the top ``n`` by ``b``."""
-    top_a = set(np.argsort(-a, kind="stable")[:n].tolist())
-    top_b = set(np.argsort(-b, kind="stable")[:n].tolist())
-    return len(top_a & top_b) / max(n, 1)
 
 
 def _reference_format(formats: list[str]) -> str:
@@ -53,7 +41,6 @@ def format_agreement(scores_dirs: Mapping[str, Path], percent: float, k: int) ->
     loaded = {tag: read_scores(path) for tag, path in scores_dirs.items()}
     ref_tag = _reference_format(list(loaded))
     ref_manifest, ref_values, _ = loaded[ref_tag]
-    n = max(1, int(np.ceil(ref_manifest["n_pool"] * percent / 100 - 1e-9)))
     out: dict[str, Any] = {"reference": ref_tag, "percent": percent, "formats": {}}
     for tag, (manifest, values, _) in loaded.items():
         spec = QuantizerSpec.parse(tag)
@@ -62,7 +49,7 @@ def format_agreement(scores_dirs: Mapping[str, Path], percent: float, k: int) ->
             a = np.asarray(ref_values[:, ref_manifest["tasks"].index(task)], dtype=np.float64)
             b = np.asarray(values[:, j], dtype=np.float64)
             ok = ~(np.isnan(a) | np.isnan(b))
-            row["tasks"][task] = {"spearman": spearman(a[ok], b[ok]), "top_overlap": top_overlap(a[ok], b[ok], n)}
+            row["tasks"][task] = {"spearman": spearman(a[ok], b[ok]), "top_overlap": recall_at(a[ok], b[ok], percent)}
         out["formats"][tag] = row
     return out
 
@@ -118,14 +105,17 @@ def _shares(counts: Mapping[str, int], names: list[str]) -> dict[str, float]:
 
 def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: str, selections: Mapping[str, Path],
                  random_selection: Path | None, percent: float, k: int,
-                 source_groups: Mapping[str, str] | None = None) -> Path:
+                 source_groups: Mapping[str, str] | None = None, fidelity_dir: Path | None = None) -> Path:
     """Draw the plots and write ``report.md`` / ``report.json`` into ``out_dir``.
 
     ``source_groups`` (optional) maps each pool source to a coarser group (e.g. flan / cot /
-    chat), for one more composition table and plot at that level."""
+    chat), for one more composition table and plot at that level. ``fidelity_dir`` (optional) is
+    a ``qless fidelity`` output folder whose recommendation and agreement plot the report shows."""
     out_dir = Path(out_dir)
     with atomic_folder(out_dir, replace=True, what="the report") as tmp:
         _write_report(tmp, scores_dirs, primary, selections, random_selection, percent, k, source_groups)
+        if fidelity_dir is not None and (fidelity_dir / "fidelity.json").is_file():
+            _fidelity_section(tmp, fidelity_dir)
     log.info("report written to %s", out_dir / "report.md")
     return out_dir
 
@@ -205,3 +195,29 @@ def _write_report(out_dir: Path, scores_dirs: Mapping[str, Path], primary: str, 
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out_dir
+
+
+def _fidelity_section(out_dir: Path, fidelity_dir: Path) -> None:
+    """Append the fidelity recommendation and its agreement plot (copied in) to ``report.md``."""
+    import shutil
+
+    from qless.errors import StoreError
+    from qless.files import read_json
+
+    data = read_json(fidelity_dir / "fidelity.json", StoreError, f"run `qless fidelity` again into {fidelity_dir}")
+    rec, probe = data.get("recommendation", {}), data.get("probe", {})
+    md = ["## Fidelity against exact scores\n",
+          f"Probe: {probe.get('pool_rows')} pool rows and {probe.get('target_rows')} target rows, unprojected gradients "
+          f"of the float32 model (full table: `{fidelity_dir / 'fidelity.md'}`)."]
+    if rec.get("met"):
+        s = rec["setting"]
+        k = "" if s["projection"] == "none" else f" k = {s['k']}"
+        md.append(f"Cheapest setting with {rec['rule']}: {s['model_dtype']} model, projection {s['projection']}{k}, "
+                  f"{s['format']} ({s['bytes_per_example']} bytes per example and checkpoint).")
+    else:
+        md.append(f"No measured setting meets {rec.get('rule')}.")
+    if (fidelity_dir / "agreement.png").is_file():
+        shutil.copyfile(fidelity_dir / "agreement.png", out_dir / "fidelity.png")
+        md.append("\n![agreement against bytes per example](fidelity.png)")
+    with open(out_dir / "report.md", "a", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n")

@@ -30,6 +30,16 @@ def dense_reference(cfg: ProjectionConfig, input_dim: int, first_row: int = 0) -
     i = np.arange(first_row, first_row + input_dim, dtype=np.uint64)
     r = _fmix32_np((_fmix32_np((i & np.uint64(_M32)) ^ key) + (i >> np.uint64(32))) & np.uint64(_M32))
     j = np.arange(cfg.dim, dtype=np.uint64)
+    if cfg.kind == "sparse":
+        s, m = cfg.nnz, cfg.dim // cfg.nnz
+        out = np.zeros((input_dim, cfg.dim))
+        for b in range(s):
+            h_col = _fmix32_np((r + np.uint64(b) * np.uint64(_GOLDEN)) & np.uint64(_M32))
+            h_sign = _fmix32_np((r + np.uint64(s + b) * np.uint64(_GOLDEN)) & np.uint64(_M32))
+            col = b * m + ((h_col * np.uint64(m)) >> np.uint64(32)).astype(np.int64)
+            sign = np.where(h_sign >= np.uint64(1 << 31), 1.0, -1.0)
+            np.add.at(out, (np.arange(input_dim), col), sign * math.sqrt(cfg.dim / s))
+        return out
     if cfg.kind == "rademacher":
         w = j // np.uint64(32)
         h = _fmix32_np((r[:, None] + w[None, :] * np.uint64(_GOLDEN)) & np.uint64(_M32))
@@ -47,6 +57,8 @@ def dense_reference(cfg: ProjectionConfig, input_dim: int, first_row: int = 0) -
 
 
 def project_reference(cfg: ProjectionConfig, x: np.ndarray) -> np.ndarray:
-    """float64 ``x @ R / sqrt(k)`` with the dense reference matrix."""
+    """float64 ``x @ R / sqrt(k)`` with the dense reference matrix (``x`` itself for kind none)."""
     x = np.asarray(x, dtype=np.float64)
+    if cfg.kind == "none":
+        return x.copy()
     return x @ dense_reference(cfg, x.shape[1]) / math.sqrt(cfg.dim)

@@ -18,6 +18,11 @@ Gaussian: entries ``(i, 2p)`` and ``(i, 2p + 1)`` are the Box-Muller pair of
 ``u1 = (h(i, 2p) + 0.5) / 2^32`` and ``u2 = h(i, 2p + 1) / 2^32`` computed in float64 and
 rounded to float32 (equal across devices up to float64 rounding of log/cos/sin).
 Outputs are scaled by ``1/sqrt(k)`` so that ``E[<Rx, Ry>] = <x, y>``.
+
+Sparse (``nnz = s`` non-zeros per row of R, ``m = k / s`` outputs per block): for block
+``b < s``, input coordinate ``i`` goes to output ``b m + floor(h(i, b) m / 2^32)`` with sign +1 if
+the top bit of ``h(i, s + b)`` is set, else -1, and weight ``1/sqrt(s)``. The matrix is never
+formed: a block of coordinates is scattered into the outputs with ``index_add``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ _C1 = 0x85EBCA6B
 _C2 = 0xC2B2AE35
 _GOLDEN = 0x9E3779B9
 _SEED_SALT = 0x243F6A88
-KIND_TAG = {"rademacher": 0x52414445, "gaussian": 0x47415553}
+KIND_TAG = {"rademacher": 0x52414445, "gaussian": 0x47415553, "sparse": 0x53504152}
+SPARSE_CHUNK = 1 << 16
+"""Input coordinates hashed at a time by the sparse projection (memory only: 12 bytes each)."""
 
 if sys.byteorder != "little":  # the Rademacher fast path reads hash words byte by byte
     raise ImportError("qless.project assumes a little-endian machine")
@@ -105,11 +112,30 @@ def _sign_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _SIGN_LUT_CACHE[key]
 
 
+def sparse_rows(cfg: ProjectionConfig, i0: int, i1: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``i0..i1`` of the sparse matrix: output columns ``[i1 - i0, nnz]`` (int64) and their
+    signs (+-1 float32); every entry weighs ``1/sqrt(nnz)``."""
+    device = torch.device(device)
+    s = cfg.nnz
+    m = cfg.dim // s
+    words = _words(i0, i1, 2 * s, seed_key(cfg.seed, cfg.kind), device).to(torch.int64) & _M32
+    cols = ((words[:, :s] * m) >> 32) + torch.arange(s, device=device) * m
+    signs = torch.where(words[:, s:] >= 1 << 31, 1.0, -1.0)
+    return cols, signs
+
+
 def matrix_rows(cfg: ProjectionConfig, i0: int, i1: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unscaled rows ``i0..i1`` of R as a ``[i1 - i0, k]`` tensor (entries +-1 or N(0, 1))."""
+    """Unscaled rows ``i0..i1`` of R as a ``[i1 - i0, k]`` tensor (entries +-1 or N(0, 1) for the
+    dense kinds; +-sqrt(k / nnz) at the hashed columns for sparse, so that ``R / sqrt(k)`` is the
+    projection for every kind)."""
     device = torch.device(device)
     k = cfg.dim
+    if cfg.kind == "sparse":
+        cols, signs = sparse_rows(cfg, i0, i1, device)
+        out = torch.zeros(i1 - i0, k, dtype=torch.float64, device=device)
+        out.scatter_add_(1, cols, signs.to(torch.float64) * math.sqrt(k / cfg.nnz))
+        return out.to(dtype)
     key = seed_key(cfg.seed, cfg.kind)
     if cfg.kind == "rademacher":
         n_words = -(-k // 32)
@@ -141,6 +167,7 @@ class Projector:
         self.device = torch.device(device)
         self._dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
         self._scale = 1.0 / math.sqrt(cfg.dim)
+        self.out_dim = cfg.out_dim(self.input_dim)
 
     def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Projection of the coordinates ``[offset, offset + x.shape[1])`` of each row of ``x``."""
@@ -150,6 +177,12 @@ class Projector:
         if offset < 0 or offset + n > self.input_dim:
             raise ValueError(f"block [{offset}, {offset + n}) lies outside the input dimension {self.input_dim}")
         x = x.to(self.device)
+        if self.cfg.kind == "none":
+            out = torch.zeros(x.shape[0], self.out_dim, dtype=torch.float32, device=self.device)
+            out[:, offset:offset + n] = x
+            return out
+        if self.cfg.kind == "sparse":
+            return self._sparse(x, offset)
         out = torch.zeros(x.shape[0], self.cfg.dim, dtype=torch.float32, device=self.device)
         step = self.cfg.chunk_size
         for start in range(0, n, step):
@@ -158,6 +191,18 @@ class Projector:
             part = x[:, start:stop].to(self._dtype) @ block
             out += part.to(torch.float32)
         return out.mul_(self._scale)
+
+    def _sparse(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Scatter-add each coordinate into its ``nnz`` signed buckets (float32 accumulation;
+        ``compute_dtype`` does not apply: there is no matmul)."""
+        out = torch.zeros(x.shape[0], self.cfg.dim, dtype=torch.float32, device=self.device)
+        for start in range(0, x.shape[1], SPARSE_CHUNK):
+            stop = min(start + SPARSE_CHUNK, x.shape[1])
+            cols, signs = sparse_rows(self.cfg, offset + start, offset + stop, self.device)
+            block = x[:, start:stop].to(torch.float32)
+            for b in range(self.cfg.nnz):
+                out.index_add_(1, cols[:, b], block * signs[:, b])
+        return out.mul_(1.0 / math.sqrt(self.cfg.nnz))
 
     __call__ = project
 
