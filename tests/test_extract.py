@@ -53,9 +53,10 @@ def _files(path):
     return out
 
 
-def test_stores_equal_float64_reference(setup, tmp_path):
+@pytest.mark.parametrize("proj", [PROJ, ProjectionConfig(kind="sparse", dim=256, nnz=2, seed=4)], ids=["dense", "sparse"])
+def test_stores_equal_float64_reference(setup, tmp_path, proj):
     root, pool, targets, model_cfg, ckpts = setup
-    out = extract({"pool": (pool, "pool"), "qa": (targets, "target")}, ckpts, tmp_path, _cfg(), PROJ, model_cfg,
+    out = extract({"pool": (pool, "pool"), "qa": (targets, "target")}, ckpts, tmp_path, _cfg(), proj, model_cfg,
                   progress=False)
     assert sorted(out["pool"]) == ["absmean4", "fp32", "sign1"]
     base, tok, _ = load_model(model_cfg)
@@ -73,8 +74,9 @@ def test_stores_equal_float64_reference(setup, tmp_path):
                 m = torch.cat([mom[n][0].reshape(-1) for n in names]).double()
                 v = torch.cat([mom[n][1].reshape(-1) for n in names]).double()
                 g = adam_direction(g, m, v)
-            ref = project_reference(PROJ, g.numpy())
+            ref = project_reference(proj, g.numpy())
             store = Datastore.open(tmp_path / "fp32" / set_name / ckpt.name)
+            assert store.manifest["projection"] == proj.identity(g.shape[1])
             assert store.manifest["gradient"] == ("adam" if kind == "pool" else "sgd")
             assert store.manifest["checkpoint"] == {"name": ckpt.name, "learning_rate": ckpt.learning_rate,
                                                    "adapter_sha256": ckpt.adapter_sha256()}

@@ -147,21 +147,13 @@ class Extractor:
             raise ConfigError(f"kind must be 'pool' or 'target', got {kind!r}")
         safe_name(name, "set name")
         data_cfg = data_cfg or self.data_cfg
-        n, i, w = len(examples), self.cfg.shard_index, self.cfg.num_shards
-        inputs = examples[n * i // w:n * (i + 1) // w]
+        a, b = shard_range(len(examples), self.cfg.chunk_size, self.cfg.shard_index, self.cfg.num_shards)
+        inputs = examples[a:b]
         out: dict[str, list[Path]] = {s.tag: [] for s in self.cfg.specs}
         for ckpt in self.checkpoints:
             for tag, path in self._run_checkpoint(name, inputs, kind, ckpt, data_cfg).items():
                 out[tag].append(path)
-        for spec in self.cfg.specs:
-            if spec.scale == "global":
-                for src in out["fp32"]:
-                    dst = self.out_dir / spec.tag / name / src.name
-                    if derive_once(src, dst, spec):
-                        out[spec.tag].append(dst)
-                    else:
-                        log.info("%s: derived once every shard of %s is finished (by the process finishing last)", dst, src)
-        return out
+        return derive_global(self.out_dir, name, out, self.cfg)
 
     def _manifest(self, spec: QuantizerSpec, ckpt: Checkpoint, kind: str, name: str, data_cfg: DataConfig) -> dict[str, Any]:
         return new_manifest(
@@ -317,11 +309,51 @@ class Extractor:
         return out, bad
 
 
+def shard_range(n: int, chunk_size: int, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """Examples ``[a, b)`` of shard ``shard_index`` of ``num_shards``: a contiguous range of whole
+    chunks of ``chunk_size`` counted from the set's start. Chunk boundaries, and so the batches
+    inside each chunk, do not depend on the number of shards: every example's row is computed in
+    the same batch, giving the same bytes, whatever the number of processes."""
+    chunks = -(-n // chunk_size)
+    first, last = chunks * shard_index // num_shards, chunks * (shard_index + 1) // num_shards
+    return min(first * chunk_size, n), min(last * chunk_size, n)
+
+
 def _row(ex: Example) -> dict[str, Any]:
     row = {"source": ex.source, "id": ex.id}
     if ex.subtask is not None:
         row["subtask"] = ex.subtask
     return row
+
+
+def derive_global(out_dir: Path, name: str, stores: dict[str, list[Path]], cfg: ExtractConfig) -> dict[str, list[Path]]:
+    """Add the ``-global`` formats of set ``name`` to ``stores`` (format -> per-checkpoint
+    stores), derived from its fp32 stores once all their shards are finished."""
+    for spec in cfg.specs:
+        if spec.scale == "global":
+            for src in stores["fp32"]:
+                dst = out_dir / spec.tag / name / src.name
+                if derive_once(src, dst, spec):
+                    if dst not in stores[spec.tag]:
+                        stores[spec.tag].append(dst)
+                else:
+                    log.info("%s: derived once every shard of %s is finished (by the process finishing last)", dst, src)
+    return stores
+
+
+def finish_stores(out_dir: Path, result: dict[str, dict[str, list[Path]]], cfg: ExtractConfig) -> dict[str, dict[str, list[Path]]]:
+    """After every shard is written (a launcher's barrier): finalise the row-scale stores and
+    derive the global formats (what the process finishing last does without a launcher)."""
+    for name, stores in result.items():
+        for spec in cfg.specs:
+            if spec.scale == "row":
+                for path in stores[spec.tag]:
+                    _try_finalize(path, cfg.num_shards)
+                    if not read_manifest(path).get("complete"):
+                        raise StoreMismatchError(f"{path}: a shard is still unfinished after every rank reported done; "
+                                                 "run the same command again to complete it")
+        derive_global(out_dir, name, stores, cfg)
+    return result
 
 
 def _try_finalize(store: Path, num_shards: int) -> None:

@@ -129,6 +129,11 @@ def run(cfg: RunConfig | str | Path, *, progress: bool = True, source_groups: Ma
     maps pool sources to coarser groups for the report (kept in ``RUN/source_groups.json``)."""
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg)
+    from qless.distributed import launch_info
+
+    if launch_info() is not None:
+        raise ConfigError("qless run is one process (its warmup trains on one device); under torchrun or accelerate "
+                          "launch run the extraction alone: `qless extract` (see the README, 'Several GPUs and nodes')")
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {str(run_dir)!r} is a file, not a folder; give a folder for the run's outputs")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,8 +23,9 @@ import numpy as np
 
 from qless.config import from_dict
 from qless.data import DataConfig, Example, load_examples
+from qless.distributed import barrier, device_for, launch_info, process_group, shard_config
 from qless.errors import ConfigError
-from qless.extraction import ExtractConfig, extract
+from qless.extraction import ExtractConfig, extract, finish_stores
 from qless.files import atomic_folder, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig
 from qless.project import ProjectionConfig
@@ -72,9 +74,20 @@ def run_extract(warmup_dir: str | Path, sets: Mapping[str, SetSpec], out: str | 
         ckpts = [c for c in every if c.name in checkpoints]
     loaded = {name: (load_data(specs, target_data or data if kind == "target" else data), kind)
               for name, (specs, kind) in sets.items()}
-    with output_errors(out):
-        return extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data, progress=progress,
-                       warmup_checkpoints=[c.name for c in every])
+    # under torchrun / accelerate launch: this rank's shard on this rank's device (qless.distributed)
+    launch = launch_info()
+    cfg = shard_config(cfg, launch)
+    model = replace(model, device=device_for(model.device, launch))
+    with output_errors(out), process_group(launch):
+        result = extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data,
+                         progress=progress and (launch is None or launch.rank == 0),
+                         warmup_checkpoints=[c.name for c in every])
+        if launch is not None:
+            barrier()  # every shard written
+            if launch.rank == 0:
+                finish_stores(Path(out), result, cfg)
+            barrier()  # the stores are final when any rank returns
+        return result
 
 
 def run_score(pool: Sequence[str | Path], targets: Sequence[str | Path], out: str | Path,
