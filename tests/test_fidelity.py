@@ -197,6 +197,12 @@ def test_fidelity_outputs(tiny_run):
     kinds = {(e["projection"], e["k"]) for e in report["settings"]}
     assert kinds == {("none", 1792), ("rademacher", 64), ("rademacher", 256), ("sparse", 64), ("sparse", 256)}
     assert len(report["settings"]) == 1 + 4 * 4
+    # the run's own stores measured too: the setting it used (float32 model, rademacher k = 256)
+    own = {e["format"]: e for e in report["run_stores"]}
+    assert set(own) == {"fp32", "absmean4", "sign1"}
+    for e in own.values():
+        assert (e["model_dtype"], e["projection"], e["k"], e["rows"]) == ("float32", "rademacher", 256, 24)
+        assert e["tasks"].keys() == {"mmlu", "qa"}
     sign = next(e for e in report["settings"] if e["projection"] == "sparse" and e["k"] == 256 and e["format"] == "sign1")
     assert sign["bytes_per_example"] == 256 // 8 + 4
     text = (out / "fidelity.md").read_text()

@@ -11,7 +11,8 @@ scale mode). For a finished run this module
    any other requested dtype, kept on disk;
 2. derives every requested setting from the probe by projecting and quantizing those gradients
    with the production code (:mod:`qless.fidelity.settings`), so one probe serves every setting;
-3. measures each setting's task scores against the exact ones (:mod:`qless.fidelity.metrics`:
+3. measures each setting's task scores against the exact ones, and the run's own scores (from
+   its real stores: the setting it used, with its model dtype and projection compute) (:mod:`qless.fidelity.metrics`:
    Spearman, Kendall, top-p recall and Jaccard, NDCG, with bootstrap intervals) and the bytes
    per example it stores;
 4. recommends the cheapest setting that meets a target agreement on every task
@@ -113,7 +114,7 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
     docstring); returns the content of ``fidelity.json``."""
     from qless.fidelity.probe import build_probe, exact_scores, open_probe, probe_sample
     from qless.fidelity.recommend import recommend, write_outputs
-    from qless.fidelity.settings import evaluate_settings
+    from qless.fidelity.settings import evaluate_settings, run_entries
     from qless.pipeline import RunConfig, _target_sets
     from qless.stages import load_data
 
@@ -145,6 +146,7 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
     t = time.perf_counter()
     results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress)
     timings["settings"] = time.perf_counter() - t
+    run_own = run_entries(run_dir, [s.tag for s in run_cfg.extract.specs], ref_pool.rows, exact, cfg)
 
     report = {
         "run_dir": str(run_dir),
@@ -155,6 +157,7 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
         "model": to_dict(run_cfg.model),
         "score": to_dict(run_cfg.score),
         "settings": results,
+        "run_stores": run_own,
         "seconds": timings,
     }
     report["recommendation"] = recommend(results, cfg, list(exact))

@@ -99,6 +99,14 @@ def _label(e: dict[str, Any]) -> str:
     return f"{e['model_dtype']} | {proj} | {e['format']}"
 
 
+def _task_columns(tasks: Sequence[str], cfg) -> str:
+    return " | ".join(f"{t} spearman | {t} {cfg.criterion}" for t in tasks) + " |"
+
+
+def _task_cells(e: dict[str, Any], tasks: Sequence[str], cfg) -> str:
+    return " | ".join(f"{_fmt(e['tasks'][t]['spearman'])} | {_fmt(e['tasks'][t][cfg.criterion])}" for t in tasks) + " |"
+
+
 def markdown(report: dict[str, Any], cfg) -> str:
     tasks = report["probe"]["tasks"]
     probe = report["probe"]
@@ -140,24 +148,29 @@ def markdown(report: dict[str, Any], cfg) -> str:
     for e in results:
         lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
                      + " | ".join(f"{e['mean'][c]:.3f}" for c in cols) + " |")
+    if report.get("run_stores"):
+        lines += ["", "## The run's own stores", "",
+                  "The scores `qless run` computed from its stores (the run's model dtype and projection), on the probe's "
+                  "pool rows, against the exact scores.", "",
+                  "| model | projection | k | format | bytes/example | rows | " + _task_columns(tasks, cfg),
+                  "|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
+        for e in report["run_stores"]:
+            lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
+                         f"{e['rows']} | " + _task_cells(e, tasks, cfg))
     for title, code_bytes in (("at the bytes of fp16 at k = 8192", 16384), ("at a quarter of them", 4096)):
         rows = [e for e in results if e["bytes_per_example"] - 4 == code_bytes]
         if not rows:
             continue
         lines += ["", f"## Matched bytes: {code_bytes + 4:,} bytes per example ({title})", "",
-                  "| model | projection | k | format | " + " | ".join(f"{t} spearman | {t} {cfg.criterion}" for t in tasks) + " |",
+                  "| model | projection | k | format | " + _task_columns(tasks, cfg),
                   "|---|---|---|---|" + "---|---|" * len(tasks)]
         for e in sorted(rows, key=lambda e: -e["mean"]["spearman"]):
-            lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | "
-                         + " | ".join(f"{_fmt(e['tasks'][t]['spearman'])} | {_fmt(e['tasks'][t][cfg.criterion])}" for t in tasks)
-                         + " |")
+            lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
     lines += ["", "## Per task", "",
-              "| model | projection | k | format | " + " | ".join(f"{t} spearman | {t} {cfg.criterion}" for t in tasks) + " |",
+              "| model | projection | k | format | " + _task_columns(tasks, cfg),
               "|---|---|---|---|" + "---|---|" * len(tasks)]
     for e in results:
-        lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | "
-                     + " | ".join(f"{_fmt(e['tasks'][t]['spearman'])} | {_fmt(e['tasks'][t][cfg.criterion])}" for t in tasks)
-                     + " |")
+        lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
     lines += ["", "![agreement against bytes per example](agreement.png)", "",
               "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()) + ".", ""]
     return "\n".join(lines)

@@ -166,3 +166,37 @@ def _entry(setting: Setting, exact: dict[str, np.ndarray], approx: dict[str, np.
     tasks = {task: bootstrap(exact[task][keep], approx[task][pos[keep]], functions, draws, cfg.confidence) for task in exact}
     mean = {name: float(np.mean([tasks[t][name]["value"] for t in tasks])) for name in functions}
     return {**setting.describe(), "rows": len(keep), "tasks": tasks, "mean": mean}
+
+
+def run_entries(run_dir: Path, formats: Sequence[str], ref_rows: Sequence[dict], exact: dict[str, np.ndarray], cfg) -> list[dict]:
+    """The run's own scores (``RUN/scores/<format>``, from its real stores) against the exact
+    scores, on the probe rows the run scored: the setting the run actually used, measured."""
+    from qless.scoring import read_scores
+    from qless.store import read_manifest
+
+    functions = metric_functions(cfg.percents, cfg.ndcg_percent)
+    out = []
+    for tag in formats:
+        folder = run_dir / "scores" / tag
+        stores = sorted((run_dir / "grads" / tag / "pool").glob("*/manifest.json"))
+        if not (folder / "manifest.json").is_file() or not stores:
+            continue
+        manifest, values, rows = read_scores(folder)
+        store = read_manifest(stores[0].parent)
+        pos = _row_positions(ref_rows, rows)
+        keep = np.nonzero(pos >= 0)[0]
+        if not len(keep) or set(manifest["tasks"]) != set(exact):
+            continue
+        approx = {task: np.asarray(values[:, j], dtype=np.float64) for j, task in enumerate(manifest["tasks"])}
+        projection = store["projection"]
+        spec = QuantizerSpec.parse(tag)
+        entry = {"model_dtype": str(store.get("model", {}).get("dtype", "?")), "projection": projection["kind"],
+                 "k": int(projection["dim"]), "format": spec.tag, "method": spec.method, "bits": spec.bits,
+                 "scale": spec.scale, "bytes_per_example": spec.row_bytes(int(projection["dim"])) + 4,
+                 "source": f"run stores ({run_dir / 'grads' / tag})",
+                 "projection_compute": store.get("extra", {}).get("projection_compute", {}).get("dtype")}
+        draws = resamples(len(keep), cfg.bootstrap, cfg.seed)
+        tasks = {t: bootstrap(exact[t][keep], approx[t][pos[keep]], functions, draws, cfg.confidence) for t in exact}
+        entry.update(rows=len(keep), tasks=tasks, mean={n: float(np.mean([tasks[t][n]["value"] for t in tasks])) for n in functions})
+        out.append(entry)
+    return out
