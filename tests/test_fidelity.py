@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -212,6 +213,19 @@ def test_fidelity_outputs(tiny_run):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("codes.bin")}
     fidelity(root / "run", out, fcfg, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("codes.bin")} == stamps
+
+
+def test_a_new_rule_recommends_again_without_measuring(tiny_run, monkeypatch):
+    root, _, fcfg, report = tiny_run
+    import qless.fidelity.settings as settings
+
+    monkeypatch.setattr(settings, "evaluate_settings", lambda *a, **kw: pytest.fail("measured again"))
+    again = fidelity(root / "run", root / "fid", replace(fcfg, criterion="spearman",
+                     threshold=0.0), progress=False)
+    assert again["settings"] == report["settings"]
+    assert again["recommendation"]["rule"] == "spearman >= 0 on every task"
+    assert again["recommendation"]["setting"]["bytes_per_example"] == min(e["bytes_per_example"] for e in report["settings"])
+    fidelity(root / "run", root / "fid", fcfg, progress=False)  # back to the fixture's rule for the other tests
 
 
 def test_recommendation_round_trip_through_run_and_extract(tiny_run, capsys):

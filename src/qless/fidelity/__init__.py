@@ -102,6 +102,27 @@ class FidelityConfig(Config):
         return ["float32", *[d for d in dict.fromkeys(self.model_dtypes) if d != "float32"]]
 
 
+RULE_FIELDS = ("criterion", "threshold", "bound")
+"""Fields that only change the recommendation, not what is measured."""
+
+
+def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
+    """A previous ``fidelity.json`` in ``out`` measured with the same settings (rule fields aside)."""
+    from qless.files import read_json
+
+    path = out / "fidelity.json"
+    if not path.is_file():
+        return None
+    old = read_json(path, ConfigError, f"delete {path} to measure again")
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return None
+    same = {k: v for k, v in old["config"].items() if k not in RULE_FIELDS} == \
+        {k: v for k, v in to_dict(cfg).items() if k not in RULE_FIELDS}
+    if not same or not all(isinstance(old.get(k), (list, dict)) for k in ("settings", "run_stores", "seconds")):
+        return None
+    return old
+
+
 def metric_names(cfg: FidelityConfig) -> list[str]:
     from qless.fidelity.metrics import metric_functions
 
@@ -143,10 +164,16 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
                                  cfg.memory_mb)
     timings["exact"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress)
-    timings["settings"] = time.perf_counter() - t
-    run_own = run_entries(run_dir, [s.tag for s in run_cfg.extract.specs], ref_pool.rows, exact, cfg)
+    measured = _measured(out, cfg)
+    if measured is not None:
+        # the same measurement (only the recommendation's rule changed): recommend from it again
+        log.info("%s: settings already measured with this configuration; recommending again", out / "fidelity.json")
+        results, run_own, timings = measured["settings"], measured["run_stores"], measured["seconds"]
+    else:
+        t = time.perf_counter()
+        results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress)
+        timings["settings"] = time.perf_counter() - t
+        run_own = run_entries(run_dir, [s.tag for s in run_cfg.extract.specs], ref_pool.rows, exact, cfg)
 
     report = {
         "run_dir": str(run_dir),

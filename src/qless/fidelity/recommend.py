@@ -29,6 +29,8 @@ def settings_config(entry: dict[str, Any], seed: int) -> dict[str, Any]:
     projection: dict[str, Any] = {"kind": entry["projection"]}
     if entry["projection"] != "none":
         projection.update(dim=entry["k"], seed=seed)
+    if entry["projection"] in ("rademacher", "gaussian") and entry.get("projection_compute"):
+        projection["compute_dtype"] = entry["projection_compute"]
     formats = [entry["format"]] + (["fp32"] if entry["scale"] == "global" else [])
     return {"model": {"dtype": entry["model_dtype"]}, "projection": projection, "extract": {"formats": formats},
             "select_format": entry["format"]}
@@ -45,8 +47,15 @@ def recommend(results: Sequence[dict[str, Any]], cfg, tasks: Sequence[str]) -> d
         return {"met": False, "rule": rule, "best": _evidence(best[0], best[1], tasks, cfg) if best else None}
     entry, worst = min(passing, key=lambda x: (x[0]["bytes_per_example"], _COMPUTE_COST.get(x[0]["projection"], 9),
                                                x[0]["model_dtype"] == "float32", -x[1]))
-    return {"met": True, "rule": rule, "setting": _evidence(entry, worst, tasks, cfg),
-            "config": settings_config(entry, cfg.projection_seed)}
+    out = {"met": True, "rule": rule, "setting": _evidence(entry, worst, tasks, cfg),
+           "config": settings_config(entry, cfg.projection_seed)}
+    if entry["projection"] == "none":
+        # only unprojected gradients pass: say how close the best projected setting came
+        projected = [x for x in scored if x[0]["projection"] != "none" and x[1] is not None]
+        if projected:
+            best = max(projected, key=lambda x: x[1])
+            out["best_projected"] = _evidence(best[0], best[1], tasks, cfg)
+    return out
 
 
 def _evidence(entry: dict[str, Any], worst: float | None, tasks: Sequence[str], cfg) -> dict[str, Any]:
@@ -68,7 +77,7 @@ def read_recommendation(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no measured setting met {data.get('rule')!r}; relax --threshold or widen the "
                           "settings and run `qless fidelity` again")
     config = data["config"]
-    allowed = {"model": {"dtype"}, "projection": {"kind", "dim", "seed", "nnz"}, "extract": {"formats"}, "select_format": None}
+    allowed = {"model": {"dtype"}, "projection": {"kind", "dim", "seed", "nnz", "compute_dtype"}, "extract": {"formats"}, "select_format": None}
     for key, value in config.items():
         if key not in allowed:
             raise ConfigError(f"{path}: config.{key} is not a setting a recommendation makes; the file was edited or "
@@ -134,6 +143,10 @@ def markdown(report: dict[str, Any], cfg) -> str:
                   f"{s['bytes_per_example']:,} bytes per example and checkpoint.", "",
                   "| task | " + cfg.criterion + " | spearman |", "|---|---|---|"]
         lines += [f"| {t} | {_fmt(s['tasks'][t])} | {_fmt(s['spearman'][t])} |" for t in tasks]
+        if rec.get("best_projected"):
+            b = rec["best_projected"]
+            lines += ["", f"No projected setting meets the rule; the closest: {_label(b)}, "
+                      f"{b['bytes_per_example']:,} bytes per example, worst task {b['worst_task_value']:.3f}."]
         lines += ["", "Use it: `qless extract ... --from-recommendation recommendation.json` "
                   "or `qless run CONFIG --from-recommendation recommendation.json`.", ""]
     else:

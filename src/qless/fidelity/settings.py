@@ -55,6 +55,7 @@ class Setting:
 
     def describe(self) -> dict[str, Any]:
         return {"model_dtype": self.model_dtype, "projection": self.projection.kind, "k": self.k, "format": self.format,
+                "projection_compute": self.projection.compute_dtype,
                 "method": self.spec.method, "bits": self.spec.bits, "scale": self.spec.scale,
                 "bytes_per_example": self.bytes_per_example}
 
