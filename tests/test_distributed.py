@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from qless.training import WarmupConfig, warmup
 def test_shard_ranges_are_whole_chunks_covering_every_example_once(n, chunk, world):
     ranges = [shard_range(n, chunk, i, world) for i in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    for (a, b), (c, _) in zip(ranges, ranges[1:]):
+    for (a, b), (c, _) in itertools.pairwise(ranges):
         assert b == c and a <= b
     for a, b in ranges:
         assert a % chunk == 0 and (b % chunk == 0 or b == n)  # boundaries are the single process's chunk boundaries

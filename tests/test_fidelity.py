@@ -209,6 +209,16 @@ def test_fidelity_outputs(tiny_run):
     text = (out / "fidelity.md").read_text()
     assert "Matched bytes" not in text or "16,388" in text
     assert "| float32 | sparse | 256 | sign1 | 36 |" in text
+    # the run's report shows the recommendation and the plot once the run folder holds a fidelity folder
+    import shutil
+
+    from qless.pipeline import run_report
+
+    shutil.copytree(out, root / "run" / "fidelity", ignore=shutil.ignore_patterns("probe"))
+    run_report(root / "run")
+    assert "## Fidelity against exact scores" in (root / "run" / "report" / "report.md").read_text()
+    assert (root / "run" / "report" / "fidelity.png").stat().st_size == (out / "agreement.png").stat().st_size
+    shutil.rmtree(root / "run" / "fidelity")
     # a second call reuses the probe: no store is written again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "probe").rglob("codes.bin")}
     fidelity(root / "run", out, fcfg, progress=False)
@@ -276,6 +286,10 @@ def test_recommend_picks_the_cheapest_setting_that_passes_on_every_task():
     # against the interval's lower end only the float32 absmean2 (0.89) ... fails; nothing passes at 0.9
     strict = recommend(results, FidelityConfig(criterion="recall@5", threshold=0.88, bound="low"), ["a", "b"])
     assert strict["met"] and strict["setting"]["model_dtype"] == "float32"
+    # when only the unprojected gradients pass, the closest projected setting is named
+    unprojected = {**_entry("fp32", 1024, "none", (1.0, 1.0)), "bytes_per_example": 4 * 1024 + 4}
+    only = recommend([*results, unprojected], FidelityConfig(criterion="recall@5", threshold=0.995), ["a", "b"])
+    assert only["setting"]["projection"] == "none" and only["best_projected"]["worst_task_value"] == 0.99
     none = recommend(results, FidelityConfig(criterion="recall@5", threshold=0.999), ["a", "b"])
     assert not none["met"] and none["best"]["worst_task_value"] == 0.99
 

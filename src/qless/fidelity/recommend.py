@@ -77,7 +77,8 @@ def read_recommendation(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no measured setting met {data.get('rule')!r}; relax --threshold or widen the "
                           "settings and run `qless fidelity` again")
     config = data["config"]
-    allowed = {"model": {"dtype"}, "projection": {"kind", "dim", "seed", "nnz", "compute_dtype"}, "extract": {"formats"}, "select_format": None}
+    allowed = {"model": {"dtype"}, "projection": {"kind", "dim", "seed", "nnz", "compute_dtype"}, "extract": {"formats"},
+               "select_format": None}
     for key, value in config.items():
         if key not in allowed:
             raise ConfigError(f"{path}: config.{key} is not a setting a recommendation makes; the file was edited or "
@@ -201,7 +202,8 @@ def plot(report: dict[str, Any], cfg, path: Path) -> None:
     metrics = list(dict.fromkeys(["spearman", cfg.criterion]))
     fig, axes = plt.subplots(len(metrics), len(dtypes), figsize=(6 * len(dtypes), 4.2 * len(metrics)), squeeze=False)
     formats = list(dict.fromkeys(e["format"] for e in results if e["projection"] != "none"))
-    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(formats)}
+    palette = plt.cm.tab10 if len(formats) <= 10 else plt.cm.tab20
+    colors = {f: palette(i % palette.N) for i, f in enumerate(formats)}
     styles = {"sparse": "-", "rademacher": "--", "gaussian": ":"}
     for col, dtype in enumerate(dtypes):
         for row, metric in enumerate(metrics):
