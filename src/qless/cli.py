@@ -212,7 +212,8 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
         print(f"{', '.join(s['paths'])}")
         print(f"  quantizer      {s['quantizer']}  ({s['bits_per_coordinate']:g} bits per coordinate)")
         p = s["projection"]
-        print(f"  projection     {p['kind']}  k={p['dim']}  d={p['input_dim']}  seed={p['seed']}")
+        nnz = f"  nnz={p['nnz']}" if "nnz" in p else ""
+        print(f"  projection     {p['kind']}  k={p['dim']}  d={p['input_dim']}  seed={p['seed']}{nnz}")
         print(f"  checkpoint     {s['checkpoint']['name']}  lr={s['checkpoint']['learning_rate']:g}  gradient={s['gradient']}")
         print(f"  rows           {s['rows']}  (skipped {s['skipped']}; {s['shards']} shard(s); "
               f"{'complete' if s['complete'] else 'INCOMPLETE'})")
