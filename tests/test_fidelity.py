@@ -323,3 +323,6 @@ def test_fidelity_config_validation(tmp_path):
     assert FidelityConfig(model_dtypes=("bfloat16",)).dtypes == ["float32", "bfloat16"]
     with pytest.raises(ConfigError, match="config.json"):
         fidelity(tmp_path, progress=False)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        fidelity(tmp_path, progress=False)

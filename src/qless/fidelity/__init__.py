@@ -25,7 +25,6 @@ Output folder (default ``RUN/fidelity``): ``probe/``, ``fidelity.json``, ``fidel
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any, Literal
 
 from qless.config import Config, from_dict, option, to_dict
 from qless.errors import ConfigError
+from qless.files import read_json
 from qless.quantize import QuantizerSpec
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,6 @@ RULE_FIELDS = ("criterion", "threshold", "bound")
 
 def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
     """A previous ``fidelity.json`` in ``out`` measured with the same settings (rule fields aside)."""
-    from qless.files import read_json
-
     path = out / "fidelity.json"
     if not path.is_file():
         return None
@@ -143,8 +141,9 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise ConfigError(f"{run_dir}: no config.json; give the folder of a `qless run` or `qless demo` (its warmup is needed)")
-    run_cfg = from_dict(RunConfig, json.loads(saved.read_text(encoding="utf-8")), f"{saved}:")
+    run_cfg = from_dict(RunConfig, read_json(saved, ConfigError, "give the folder of a finished `qless run`"), f"{saved}:")
     out = Path(out) if out is not None else run_dir / "fidelity"
+    formats = [s.tag for s in run_cfg.extract.specs]
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -164,7 +163,12 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
                                  cfg.memory_mb)
     timings["exact"] = time.perf_counter() - t
 
+    probe_info = {"pool_rows": len(ref_pool.rows), "pool_size": len(pool), "target_rows": len(ref_targets.rows),
+                  "gradient_dim": ref_pool.d, "checkpoints": ref_pool.checkpoints, "learning_rates": rates,
+                  "tasks": list(exact)}
     measured = _measured(out, cfg)
+    if measured is not None and (measured.get("probe") != probe_info or measured.get("run_formats") != formats):
+        measured = None  # another probe or other run stores: measure again
     if measured is not None:
         # the same measurement (only the recommendation's rule changed): recommend from it again
         log.info("%s: settings already measured with this configuration; recommending again", out / "fidelity.json")
@@ -173,14 +177,13 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
         t = time.perf_counter()
         results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress)
         timings["settings"] = time.perf_counter() - t
-        run_own = run_entries(run_dir, [s.tag for s in run_cfg.extract.specs], ref_pool.rows, exact, cfg)
+        run_own = run_entries(run_dir, formats, ref_pool.rows, exact, cfg)
 
     report = {
         "run_dir": str(run_dir),
         "config": to_dict(cfg),
-        "probe": {"pool_rows": len(ref_pool.rows), "pool_size": len(pool), "target_rows": len(ref_targets.rows),
-                  "gradient_dim": ref_pool.d, "checkpoints": ref_pool.checkpoints, "learning_rates": rates,
-                  "tasks": list(exact)},
+        "probe": probe_info,
+        "run_formats": formats,
         "model": to_dict(run_cfg.model),
         "score": to_dict(run_cfg.score),
         "settings": results,
