@@ -45,8 +45,9 @@ def test_launcher_environment(monkeypatch):
     assert launch_info() == Launch(rank=2, world_size=4, local_rank=0)
     cfg = shard_config(ExtractConfig(), launch_info())
     assert (cfg.shard_index, cfg.num_shards) == (2, 4)
-    with pytest.raises(ConfigError, match="conflict"):
-        shard_config(ExtractConfig(num_shards=2, shard_index=1), launch_info())
+    for shards in ({"num_shards": 4, "shard_index": 2}, {"num_shards": 2, "shard_index": 1}):
+        with pytest.raises(ConfigError, match="leave them unset"):  # refused on every rank alike
+            shard_config(ExtractConfig(**shards), launch_info())
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ConfigError, match="RANK"):
         launch_info()
@@ -88,3 +89,23 @@ def test_torchrun_two_processes_write_the_rows_of_one(tmp_path, tiny_model_dir):
         scales_a = np.concatenate([np.array(s) for _, _, s in a.blocks(100)])
         scales_b = np.concatenate([np.array(s) for _, _, s in b.blocks(100)])[order]
         assert np.array_equal(codes_a, codes_b) and np.array_equal(scales_a, scales_b), tag
+
+
+def test_all_succeeded_is_the_minimum_over_ranks(monkeypatch):
+    """With a (one-rank) gloo group, the flag exchange returns each rank's own verdict combined by
+    MIN; without a group it is the rank's own flag."""
+    import socket
+
+    import torch.distributed as dist
+
+    from qless.distributed import all_succeeded
+
+    assert all_succeeded(True) is True and all_succeeded(False) is False
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        assert all_succeeded(True) is True and all_succeeded(False) is False
+    finally:
+        dist.destroy_process_group()

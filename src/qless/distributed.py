@@ -3,7 +3,7 @@
 
 Each rank writes its own shard of the same stores (a contiguous range of whole chunks, see
 :func:`qless.extraction.shard_range`); ranks meet at a barrier of the launcher's process group
-(NCCL between GPUs, gloo between CPU processes) once every shard is written, and rank 0 then
+(gloo, which needs no GPU collective) once every shard is written, and rank 0 then
 finalises each store and derives the ``-global`` formats. Without a launcher
 (``WORLD_SIZE`` unset or 1) nothing here changes anything.
 """
@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 
@@ -47,12 +48,13 @@ def launch_info() -> Launch | None:
 
 
 def shard_config(cfg, launch: Launch | None):
-    """``cfg`` (an ExtractConfig) with this rank's shard; ConfigError when the user set other shards."""
+    """``cfg`` (an ExtractConfig) with this rank's shard; ConfigError (on every rank alike) when the
+    user set shards too."""
     if launch is None:
         return cfg
-    if cfg.num_shards != 1 and (cfg.num_shards, cfg.shard_index) != (launch.world_size, launch.rank):
-        raise ConfigError(f"extract.num_shards={cfg.num_shards} / shard_index={cfg.shard_index} conflict with the launcher's "
-                          f"WORLD_SIZE={launch.world_size} / RANK={launch.rank}; leave them unset under torchrun")
+    if cfg.num_shards != 1 or cfg.shard_index != 0:
+        raise ConfigError(f"extract.num_shards={cfg.num_shards} / shard_index={cfg.shard_index} are set while the launcher "
+                          f"gives WORLD_SIZE={launch.world_size}; under torchrun or accelerate launch leave them unset")
     return replace(cfg, shard_index=launch.rank, num_shards=launch.world_size)
 
 
@@ -63,9 +65,15 @@ def device_for(spec: str, launch: Launch | None) -> str:
     return spec
 
 
+BARRIER_TIMEOUT = timedelta(hours=72)
+"""How long a rank that finished its shard waits for the slowest one (shards differ in length)."""
+
+
 @contextmanager
 def process_group(launch: Launch | None) -> Iterator[None]:
-    """The launcher's process group for the duration (created here unless one exists)."""
+    """A gloo process group over the launcher's ranks for the duration (created here unless one
+    exists). Ranks only exchange one flag at the end, so gloo serves GPU ranks too, with a timeout
+    long enough for uneven shards."""
     if launch is None:
         yield
         return
@@ -73,11 +81,8 @@ def process_group(launch: Launch | None) -> Iterator[None]:
 
     own = not dist.is_initialized()
     if own:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(launch.local_rank)
-        dist.init_process_group(backend)
-        log.info("rank %d of %d joined the %s process group", launch.rank, launch.world_size, backend)
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        log.info("rank %d of %d joined the process group", launch.rank, launch.world_size)
     try:
         yield
     finally:
@@ -85,9 +90,13 @@ def process_group(launch: Launch | None) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
+def all_succeeded(ok: bool) -> bool:
+    """Wait for every rank and tell whether all of them succeeded (True without a process group).
+    A rank that failed calls this too, so that the others stop waiting and fail with it."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

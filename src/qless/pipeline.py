@@ -90,11 +90,13 @@ def load_run_config(path: str | Path | None = None, preset: str | None = None,
                     overrides: Sequence[str] | Mapping[str, Any] = (), *,
                     recommendation: Mapping[str, Any] | None = None) -> RunConfig:
     """A run config from a JSON or YAML file, layered over a preset (``preset``, else the file's
-    ``preset`` key, else ``paper``), then the sections of a ``qless fidelity`` recommendation,
+    ``preset`` key, else ``paper``), then the projection and format of a ``qless fidelity`` recommendation,
     with ``SECTION.FIELD=VALUE`` overrides applied last."""
     data = read_config_file(path) if path is not None else {}
     if recommendation:
-        data = merge(data, dict(recommendation))
+        # projection and format only: the run's model dtype also trains its warmup, which the
+        # recommendation did not measure (`qless extract --from-recommendation` takes the dtype too)
+        data = merge(data, {k: v for k, v in recommendation.items() if k != "model"})
     file_preset = data.pop("preset", None)
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
     over_preset = over.pop("preset", None)
@@ -253,9 +255,11 @@ def run_report(run_dir: str | Path) -> Path:
     scores_dirs = {spec.tag: run_dir / "scores" / spec.tag for spec in cfg.extract.specs}
     selections = {task: run_dir / "selected" / task for task in summary["tasks"]}
     k = cfg.projection.dim
-    for manifest in sorted((run_dir / "grads" / summary["format"] / "pool").glob("*/manifest.json"))[:1]:
-        k = read_manifest(manifest.parent)["projection"]["dim"]  # kind none stores d coordinates
-    return write_report(run_dir / "report", scores_dirs, summary["format"], selections, run_dir / "selected" / "random",
+    primary = QuantizerSpec.parse(str(summary.get("format"))).tag  # a format name, never a path
+    first = next(iter(sorted((run_dir / "grads" / primary / "pool").glob("*/manifest.json"))), None)
+    if first is not None:
+        k = read_manifest(first.parent)["projection"]["dim"]  # kind none stores d coordinates
+    return write_report(run_dir / "report", scores_dirs, primary, selections, run_dir / "selected" / "random",
                         cfg.select.percent, k, groups, fidelity_dir=run_dir / "fidelity")
 
 

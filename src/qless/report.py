@@ -205,7 +205,21 @@ def _fidelity_section(out_dir: Path, fidelity_dir: Path) -> None:
     from qless.files import read_json
 
     data = read_json(fidelity_dir / "fidelity.json", StoreError, f"run `qless fidelity` again into {fidelity_dir}")
-    rec, probe = data.get("recommendation", {}), data.get("probe", {})
+    try:
+        md = _fidelity_lines(data, fidelity_dir)
+    except (AttributeError, KeyError, TypeError):
+        log.warning("%s: not a fidelity.json this version reads; the report leaves it out (run `qless fidelity` again)",
+                    fidelity_dir / "fidelity.json")
+        return
+    if (fidelity_dir / "agreement.png").is_file():
+        shutil.copyfile(fidelity_dir / "agreement.png", out_dir / "fidelity.png")
+        md.append("\n![agreement against bytes per example](fidelity.png)")
+    with open(out_dir / "report.md", "a", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n")
+
+
+def _fidelity_lines(data: dict[str, Any], fidelity_dir: Path) -> list[str]:
+    rec, probe = data["recommendation"], data["probe"]
     md = ["## Fidelity against exact scores\n",
           f"Probe: {probe.get('pool_rows')} pool rows and {probe.get('target_rows')} target rows, unprojected gradients "
           f"of the float32 model (full table: `{fidelity_dir / 'fidelity.md'}`)."]
@@ -215,9 +229,5 @@ def _fidelity_section(out_dir: Path, fidelity_dir: Path) -> None:
         md.append(f"Cheapest setting with {rec['rule']}: {s['model_dtype']} model, projection {s['projection']}{k}, "
                   f"{s['format']} ({s['bytes_per_example']} bytes per example and checkpoint).")
     else:
-        md.append(f"No measured setting meets {rec.get('rule')}.")
-    if (fidelity_dir / "agreement.png").is_file():
-        shutil.copyfile(fidelity_dir / "agreement.png", out_dir / "fidelity.png")
-        md.append("\n![agreement against bytes per example](fidelity.png)")
-    with open(out_dir / "report.md", "a", encoding="utf-8") as f:
-        f.write("\n".join(md) + "\n")
+        md.append(f"No measured setting meets {rec['rule']}.")
+    return md

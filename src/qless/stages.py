@@ -23,8 +23,8 @@ import numpy as np
 
 from qless.config import from_dict
 from qless.data import DataConfig, Example, load_examples
-from qless.distributed import barrier, device_for, launch_info, process_group, shard_config
-from qless.errors import ConfigError
+from qless.distributed import all_succeeded, device_for, launch_info, process_group, shard_config
+from qless.errors import ConfigError, ModelError
 from qless.extraction import ExtractConfig, extract, finish_stores
 from qless.files import atomic_folder, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig
@@ -78,15 +78,28 @@ def run_extract(warmup_dir: str | Path, sets: Mapping[str, SetSpec], out: str | 
     launch = launch_info()
     cfg = shard_config(cfg, launch)
     model = replace(model, device=device_for(model.device, launch))
+    if launch is None:
+        with output_errors(out):
+            return extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data, progress=progress,
+                           warmup_checkpoints=[c.name for c in every])
     with output_errors(out), process_group(launch):
-        result = extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data,
-                         progress=progress and (launch is None or launch.rank == 0),
-                         warmup_checkpoints=[c.name for c in every])
-        if launch is not None:
-            barrier()  # every shard written
+        result, ok = None, False
+        try:
+            result = extract(loaded, ckpts, out, cfg, projection, model, data, target_data_cfg=target_data,
+                             progress=progress and launch.rank == 0, warmup_checkpoints=[c.name for c in every])
+            ok = True
+        finally:
+            if not all_succeeded(ok) and ok:  # this rank is fine, another failed: say so rather than hang
+                raise ModelError(f"another rank failed while this one (rank {launch.rank}) finished its shard; see that "
+                                 "rank's error, then run the same command again: finished shards are kept")
+        ok = False
+        try:
             if launch.rank == 0:
                 finish_stores(Path(out), result, cfg)
-            barrier()  # the stores are final when any rank returns
+            ok = True
+        finally:
+            if not all_succeeded(ok) and ok:
+                raise ModelError("rank 0 could not finalise the stores; see its error and run the same command again")
         return result
 
 

@@ -25,6 +25,7 @@ Output folder (default ``RUN/fidelity``): ``probe/``, ``fidelity.json``, ``fidel
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ class FidelityConfig(Config):
                 raise ConfigError(f"fidelity.{name} must be a positive integer, got {getattr(self, name)}")
         if self.bootstrap < 0:
             raise ConfigError(f"fidelity.bootstrap must be 0 or more, got {self.bootstrap}")
+        if self.bound == "low" and self.bootstrap == 0:
+            raise ConfigError("fidelity.bound 'low' needs intervals: set fidelity.bootstrap above 0")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"fidelity.confidence must lie in (0, 1), got {self.confidence}")
         for dt in self.model_dtypes:
@@ -89,9 +92,10 @@ class FidelityConfig(Config):
                 raise ConfigError(f"fidelity.dims: {k} must be a positive multiple of 8 (1-bit codes pack 8 per byte)")
         for f in self.formats:
             QuantizerSpec.parse(f)
-        for p in (*self.percents, self.ndcg_percent):
-            if not 0 < p <= 100:
-                raise ConfigError(f"fidelity.percents: {p} must lie in (0, 100]")
+        for name, values in (("percents", self.percents), ("ndcg_percent", (self.ndcg_percent,))):
+            for p in values:
+                if not 0 < p <= 100:
+                    raise ConfigError(f"fidelity.{name}: {p} must lie in (0, 100]")
         names = metric_names(self)
         if self.criterion not in names:
             raise ConfigError(f"fidelity.criterion {self.criterion!r} is not one of {', '.join(names)}")
@@ -116,7 +120,7 @@ def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
         return None
     same = {k: v for k, v in old["config"].items() if k not in RULE_FIELDS} == \
         {k: v for k, v in to_dict(cfg).items() if k not in RULE_FIELDS}
-    if not same or not all(isinstance(old.get(k), (list, dict)) for k in ("settings", "run_stores", "seconds")):
+    if not same or not all(isinstance(old.get(k), (list, dict)) for k in ("settings", "seconds")):
         return None
     return old
 
@@ -131,12 +135,15 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
              progress: bool = True) -> dict[str, Any]:
     """Measure every setting of ``cfg`` on a probe of the run in ``run_dir`` (see the module
     docstring); returns the content of ``fidelity.json``."""
+    from qless.distributed import launch_info
     from qless.fidelity.probe import build_probe, exact_scores, open_probe, probe_sample
     from qless.fidelity.recommend import recommend, write_outputs
     from qless.fidelity.settings import evaluate_settings, run_entries
     from qless.pipeline import RunConfig, _target_sets
     from qless.stages import load_data
 
+    if launch_info() is not None:
+        raise ConfigError("qless fidelity is one process; run it without torchrun or accelerate launch")
     run_dir = Path(run_dir)
     saved = run_dir / "config.json"
     if not saved.is_file():
@@ -163,27 +170,29 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
                                  cfg.memory_mb)
     timings["exact"] = time.perf_counter() - t
 
+    digest = hashlib.sha256()
+    for task in exact:  # the exact scores stand for the probe's content: another model or adapter changes them
+        digest.update(task.encode() + exact[task].astype("<f8").tobytes())
     probe_info = {"pool_rows": len(ref_pool.rows), "pool_size": len(pool), "target_rows": len(ref_targets.rows),
                   "gradient_dim": ref_pool.d, "checkpoints": ref_pool.checkpoints, "learning_rates": rates,
-                  "tasks": list(exact)}
+                  "tasks": list(exact), "exact_sha256": digest.hexdigest()}
     measured = _measured(out, cfg)
-    if measured is not None and (measured.get("probe") != probe_info or measured.get("run_formats") != formats):
-        measured = None  # another probe or other run stores: measure again
+    if measured is not None and (measured.get("probe") != probe_info or measured.get("score") != to_dict(run_cfg.score)):
+        measured = None  # another probe or other scoring settings: measure again
     if measured is not None:
         # the same measurement (only the recommendation's rule changed): recommend from it again
         log.info("%s: settings already measured with this configuration; recommending again", out / "fidelity.json")
-        results, run_own, timings = measured["settings"], measured["run_stores"], measured["seconds"]
+        results, timings = measured["settings"], measured["seconds"]
     else:
         t = time.perf_counter()
         results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress)
         timings["settings"] = time.perf_counter() - t
-        run_own = run_entries(run_dir, formats, ref_pool.rows, exact, cfg)
+    run_own = run_entries(run_dir, formats, ref_pool.rows, exact, cfg)  # cheap, and the run's stores may have changed
 
     report = {
         "run_dir": str(run_dir),
         "config": to_dict(cfg),
         "probe": probe_info,
-        "run_formats": formats,
         "model": to_dict(run_cfg.model),
         "score": to_dict(run_cfg.score),
         "settings": results,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from qless.selection import SelectConfig
+from qless.selection import SelectConfig, rank
 
 
 def top_count(n: int, percent: float) -> int:
@@ -32,9 +32,8 @@ def top_count(n: int, percent: float) -> int:
 
 
 def top_rows(scores: np.ndarray, n_top: int) -> np.ndarray:
-    """Indices of the ``n_top`` highest scores, ties broken by row order."""
-    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
-    return order[:n_top]
+    """Indices of the ``n_top`` highest scores, ties broken by row order (the selection's ranking)."""
+    return rank(scores)[:n_top]
 
 
 def spearman(exact: np.ndarray, approx: np.ndarray) -> float:

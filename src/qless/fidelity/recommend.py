@@ -24,6 +24,12 @@ def _worst(entry: dict[str, Any], tasks: Sequence[str], cfg) -> float | None:
     return None if any(v is None for v in values) else min(values)
 
 
+def extraction_bytes(entry: dict[str, Any]) -> int:
+    """Bytes per example and checkpoint that extraction writes for a setting: a ``-global`` format
+    is derived from an fp32 store of the same k, which extraction writes too."""
+    return entry["bytes_per_example"] + (4 * entry["k"] + 4 if entry["scale"] == "global" else 0)
+
+
 def settings_config(entry: dict[str, Any], seed: int) -> dict[str, Any]:
     """The run-config sections that reproduce a measured setting."""
     projection: dict[str, Any] = {"kind": entry["projection"]}
@@ -37,15 +43,16 @@ def settings_config(entry: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def recommend(results: Sequence[dict[str, Any]], cfg, tasks: Sequence[str]) -> dict[str, Any]:
-    """The cheapest setting (bytes per example, then compute: sparse before dense, bfloat16 before
-    float32, then the best worst-task criterion) whose criterion meets the threshold on every task."""
+    """The cheapest setting (bytes per example extraction writes, :func:`extraction_bytes`; then
+    compute: sparse before dense, bfloat16 before float32; then the best worst-task criterion)
+    whose criterion meets the threshold on every task."""
     scored = [(e, _worst(e, tasks, cfg)) for e in results]
     passing = [(e, w) for e, w in scored if w is not None and w >= cfg.threshold]
     rule = f"{cfg.criterion} {'lower bound ' if cfg.bound == 'low' else ''}>= {cfg.threshold:g} on every task"
     if not passing:
         best = max((x for x in scored if x[1] is not None), key=lambda x: x[1], default=None)
         return {"met": False, "rule": rule, "best": _evidence(best[0], best[1], tasks, cfg) if best else None}
-    entry, worst = min(passing, key=lambda x: (x[0]["bytes_per_example"], _COMPUTE_COST.get(x[0]["projection"], 9),
+    entry, worst = min(passing, key=lambda x: (extraction_bytes(x[0]), _COMPUTE_COST.get(x[0]["projection"], 9),
                                                x[0]["model_dtype"] == "float32", -x[1]))
     out = {"met": True, "rule": rule, "setting": _evidence(entry, worst, tasks, cfg),
            "config": settings_config(entry, cfg.projection_seed)}

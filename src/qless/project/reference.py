@@ -26,6 +26,8 @@ def dense_reference(cfg: ProjectionConfig, input_dim: int, first_row: int = 0) -
     """Rows ``first_row .. first_row + input_dim`` of the unscaled matrix R as a float64
     ``[input_dim, k]`` array, computed entry by entry from the definition in this module's
     docstring. Memory ``8 d k`` bytes: tests only."""
+    if cfg.kind == "none":
+        raise ValueError("projection kind none has no matrix: the rows are the input itself")
     key = np.uint64(seed_key(cfg.seed, cfg.kind))
     i = np.arange(first_row, first_row + input_dim, dtype=np.uint64)
     r = _fmix32_np((_fmix32_np((i & np.uint64(_M32)) ^ key) + (i >> np.uint64(32))) & np.uint64(_M32))

@@ -194,7 +194,9 @@ class Projector:
 
     def _sparse(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         """Scatter-add each coordinate into its ``nnz`` signed buckets (float32 accumulation;
-        ``compute_dtype`` does not apply: there is no matmul)."""
+        ``compute_dtype`` does not apply: there is no matmul). On CPU the sums run in a fixed
+        order; CUDA's ``index_add_`` uses atomic adds, so there rows can differ in the last bits
+        from run to run (the dense kinds are bitwise reproducible on both)."""
         out = torch.zeros(x.shape[0], self.cfg.dim, dtype=torch.float32, device=self.device)
         for start in range(0, x.shape[1], SPARSE_CHUNK):
             stop = min(start + SPARSE_CHUNK, x.shape[1])
