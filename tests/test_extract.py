@@ -19,7 +19,7 @@ from qless.project import ProjectionConfig, project_reference
 from qless.quantize import QuantizerSpec, quantize
 from qless.store import Datastore, ShardWriter
 from qless.training import WarmupConfig, warmup
-from utils import QUANTIZED_RTOL, ROW_REL_TOL, THREADS_REL_TOL
+from utils import QUANTIZED_RTOL, ROW_REL_TOL, THREADS_REL_TOL, reference_gradients
 
 PROJ = ProjectionConfig(dim=256, seed=4, chunk_size=300)
 
@@ -66,15 +66,8 @@ def test_stores_equal_float64_reference(setup, tmp_path, proj):
             from qless.models import set_adapter_weights
 
             set_adapter_weights(model, ckpt.path)
-            items, _ = tokenize_examples(examples, tok, DataConfig(), progress=False)
-            g, _ = per_example_gradients_loop(model, collate(items, tok.pad_token_id), dtype=torch.float64)
-            if kind == "pool":
-                mom = ckpt.moments()
-                names = [n for n, p in model.named_parameters() if p.requires_grad]
-                m = torch.cat([mom[n][0].reshape(-1) for n in names]).double()
-                v = torch.cat([mom[n][1].reshape(-1) for n in names]).double()
-                g = adam_direction(g, m, v)
-            ref = project_reference(proj, g.numpy())
+            g = reference_gradients(model, tok, examples, ckpt, kind)
+            ref = project_reference(proj, g)
             store = Datastore.open(tmp_path / "fp32" / set_name / ckpt.name)
             assert store.manifest["projection"] == proj.identity(g.shape[1])
             assert store.manifest["gradient"] == ("adam" if kind == "pool" else "sgd")

@@ -10,26 +10,24 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import toy_pool, write_jsonl
 from qless.cli import main
 from qless.config import from_dict
-from qless.data import DataConfig, Example, collate, load_examples, tokenize_examples
+from qless.data import DataConfig, Example, load_examples
 from qless.errors import ConfigError
 from qless.fidelity import FidelityConfig, fidelity
 from qless.fidelity.metrics import bootstrap, jaccard_at, kendall, metric_functions, ndcg_at, recall_at, spearman, top_rows
 from qless.fidelity.probe import exact_scores, open_probe, probe_sample
 from qless.fidelity.recommend import read_recommendation, recommend
 from qless.fidelity.settings import project_side, projections, setting_scores
-from qless.gradients import adam_direction, per_example_gradients_loop
 from qless.models import ModelConfig, load_adapter, load_model, set_adapter_weights
 from qless.pipeline import build_run_config, run
 from qless.quantize import QuantizerSpec
 from qless.scoring import read_scores
 from qless.scoring.aggregate import checkpoint_weights, target_groups
 from qless.training import read_checkpoints
-from utils import CODE_FLIP_ATOL, EXACT_COSINE_ATOL, SCORE_ATOL
+from utils import CODE_FLIP_ATOL, EXACT_COSINE_ATOL, SCORE_ATOL, reference_gradients
 
 # -- metrics -----------------------------------------------------------------------------------
 
@@ -122,18 +120,6 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     return root, cfg, fcfg, report
 
 
-def _reference_gradients(model, tok, examples, ckpt, kind):
-    items, _ = tokenize_examples(examples, tok, DataConfig(max_length=256), progress=False)
-    g, _ = per_example_gradients_loop(model, collate(items, tok.pad_token_id), dtype=torch.float64)
-    if kind == "pool":
-        mom = ckpt.moments()
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        m = torch.cat([mom[n][0].reshape(-1) for n in names]).double()
-        v = torch.cat([mom[n][1].reshape(-1) for n in names]).double()
-        g = adam_direction(g, m, v)
-    return g.numpy()
-
-
 def test_exact_scores_equal_a_one_example_at_a_time_float64_computation(tiny_run):
     root, cfg, _, _ = tiny_run
     pool = load_examples(root / "pool.jsonl")
@@ -150,8 +136,8 @@ def test_exact_scores_equal_a_one_example_at_a_time_float64_computation(tiny_run
     total = np.zeros((len(pool), len(subtasks)))
     for c, w in zip(ckpts, eta):
         set_adapter_weights(model, c.path)
-        gp = _reference_gradients(model, tok, pool, c, "pool")
-        gt = _reference_gradients(model, tok, all_targets, c, "target")
+        gp = reference_gradients(model, tok, pool, c, "pool", DataConfig(max_length=256))
+        gt = reference_gradients(model, tok, all_targets, c, "target", DataConfig(max_length=256))
         for i in range(len(pool)):
             for j, sub in enumerate(subtasks):
                 cos = [gp[i] @ gt[r] / np.linalg.norm(gp[i]) / np.linalg.norm(gt[r]) for r in range(len(key)) if key[r] == sub]

@@ -335,3 +335,23 @@ def block_pairs(cosines: Sequence[float], block: int, seed: int,
         x[i, i * block:(i + 1) * block] = a
         y[i, i * block:(i + 1) * block] = c * a + math.sqrt(1 - c * c) * b
     return x, y
+
+
+# -- Reference rows ----------------------------------------------------------------------------
+
+
+def reference_gradients(model, tokenizer, examples, checkpoint, kind: str, data_cfg=None) -> np.ndarray:
+    """float64 per-example gradients of ``examples`` one at a time (the slow reference), turned into
+    the checkpoint's Adam direction for ``kind == "pool"``: the rows extraction must reproduce."""
+    from qless.data import DataConfig, collate, tokenize_examples
+    from qless.gradients import adam_direction, per_example_gradients_loop
+
+    items, _ = tokenize_examples(examples, tokenizer, data_cfg or DataConfig(), progress=False)
+    g, _ = per_example_gradients_loop(model, collate(items, tokenizer.pad_token_id), dtype=torch.float64)
+    if kind == "pool":
+        mom = checkpoint.moments()
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        m = torch.cat([mom[n][0].reshape(-1) for n in names]).double()
+        v = torch.cat([mom[n][1].reshape(-1) for n in names]).double()
+        g = adam_direction(g, m, v)
+    return g.numpy()
