@@ -25,6 +25,7 @@ floor, less): keep the machine otherwise idle.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -266,7 +267,7 @@ def main() -> None:
           f"on q/k/v/o, d = {pe.dim:,}, k = {args.k}; data: {data_desc}, {n} examples, {sum(tokens)} tokens "
           f"({min(tokens)}-{max(tokens)} per example); batches of <= {args.batch_size} examples / {args.max_batch_tokens} tokens")
 
-    w, small_k = min(n, args.batch_size), ProjectionConfig(dim=LESS_BLOCK, compute_dtype=args.proj_dtype)
+    w, small_k = min(n, args.batch_size), dataclasses.replace(proj_cfg, dim=LESS_BLOCK)  # the timed kind, at a small k
     for _ in range(args.warmup_rounds):  # untimed: allocator, kernels, PerExampleGradients' self-check; projections at small k
         run_qless(pe, items[:w], xcfg, small_k, pad, device)
         run_floor(model, items[:w], xcfg, pad, device)
