@@ -272,6 +272,11 @@ def test_recommend_picks_the_cheapest_setting_that_passes_on_every_task():
     # against the interval's lower end only the float32 absmean2 (0.89) ... fails; nothing passes at 0.9
     strict = recommend(results, FidelityConfig(criterion="recall@5", threshold=0.88, bound="low"), ["a", "b"])
     assert strict["met"] and strict["setting"]["model_dtype"] == "float32"
+    # a -global format also costs the fp32 store it is derived from: an equal row-scale format wins
+    glob = recommend([_entry("absmean2-global", 16384, "sparse", (0.99, 0.99)), *results], cfg, ["a", "b"])
+    assert glob["setting"]["format"] == "absmean2"
+    assert recommend([_entry("absmean2-global", 16384, "sparse", (0.99, 0.99))], cfg, ["a", "b"])["config"]["extract"] == \
+        {"formats": ["absmean2-global", "fp32"]}
     # when only the unprojected gradients pass, the closest projected setting is named
     unprojected = {**_entry("fp32", 1024, "none", (1.0, 1.0)), "bytes_per_example": 4 * 1024 + 4}
     only = recommend([*results, unprojected], FidelityConfig(criterion="recall@5", threshold=0.995), ["a", "b"])
@@ -299,6 +304,10 @@ def test_bad_recommendation_files_are_refused(tmp_path, capsys):
 def test_fidelity_config_validation(tmp_path):
     with pytest.raises(ConfigError, match="criterion"):
         FidelityConfig(criterion="recall@3")
+    with pytest.raises(ConfigError, match="bootstrap above 0"):
+        FidelityConfig(bound="low", bootstrap=0)
+    with pytest.raises(ConfigError, match="ndcg_percent"):
+        FidelityConfig(ndcg_percent=0)
     with pytest.raises(ConfigError, match="dims"):
         FidelityConfig(dims=(100,))
     with pytest.raises(ConfigError, match="kinds"):

@@ -125,9 +125,11 @@ def evaluate_settings(folders: dict[str, Path], target_names: Sequence[str], ref
     """Every setting's agreement with ``exact`` (one entry per setting, in table order)."""
     functions = metric_functions(cfg.percents, cfg.ndcg_percent)
     results = []
-    for dtype, folder in folders.items():
+    ref_target_rows = None
+    for dtype, folder in folders.items():  # float32 first
         pool, targets, rates = open_probe(folder, target_names)
-        if [g for g in targets.rows] != [g for g in open_probe(folders["float32"], target_names)[1].rows]:
+        ref_target_rows = targets.rows if ref_target_rows is None else ref_target_rows
+        if targets.rows != ref_target_rows:
             raise StoreMismatchError(f"{folder}: the {dtype} probe holds other target rows than the float32 probe; "
                                      "extract the probe again")
         pos = _row_positions(ref_rows, pool.rows)
