@@ -88,6 +88,29 @@ def test_stores_equal_float64_reference(setup, tmp_path, proj):
     assert [r.get("subtask") for r in t.rows()] == ["math", "chat", "chat"]
 
 
+def test_logra_stores_equal_the_kronecker_projection_of_float64_plain_gradients(setup, tmp_path):
+    from qless.gradients import PerExampleGradients
+    from qless.project.logra import logra_reference
+
+    root, pool, targets, model_cfg, ckpts = setup
+    proj = ProjectionConfig(kind="logra", dim=8, seed=3)
+    extract({"pool": (pool, "pool")}, ckpts, tmp_path, _cfg(formats=("fp32",), pool_gradient="sgd"), proj, model_cfg,
+            progress=False)
+    base, tok, _ = load_model(model_cfg)
+    model = load_adapter(base, ckpts[-1].path)
+    fast = PerExampleGradients(model, projection=proj)
+    want = logra_reference(proj, fast.logra.factors, reference_gradients(model, tok, pool, ckpts[-1], "target"),
+                           [s.weight_offset for s in fast._slots], [s.bias_offset for s in fast._slots])
+    store = Datastore.open(tmp_path / "fp32" / "pool" / ckpts[-1].name)
+    assert store.manifest["gradient"] == "sgd" and "pool_gradient" not in store.manifest["extra"]["extraction"]
+    assert store.manifest["projection"] == {"kind": "logra", "dim": fast.logra.out_dim, "seed": 3, "side": 8,
+                                            "input_dim": fast.input_dim}
+    scales = np.concatenate([np.array(s) for _, _, s in store.blocks(100)])
+    got = store.decoded(0, store.n_rows).double().numpy() * scales[:, None]
+    err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() < ROW_REL_TOL
+
+
 def test_interrupted_extraction_resumes_byte_identical(setup, tmp_path, monkeypatch):
     root, pool, _, model_cfg, ckpts = setup
     extract({"pool": (pool, "pool")}, ckpts, tmp_path / "whole", _cfg(), PROJ, model_cfg, progress=False)

@@ -60,6 +60,9 @@ class ExtractConfig(Config):
     max_batch_tokens: int = option(8192, "most padded tokens per forward/backward pass")
     chunk_size: int = option(256, "examples per commit; a resumed run restarts at a chunk boundary")
     buffer_mb: int = option(1024, "per-example gradients buffered before one projection pass (MiB)")
+    pool_gradient: Literal["adam", "sgd"] = option(
+        "adam", "pool rows: the checkpoint's Adam direction (LESS, QLESS) or the plain gradient (sgd; the only one "
+        "projection kind logra can project)")
     shard_index: int = option(0, "this process's shard (distributed extraction: one shard per process)")
     num_shards: int = option(1, "number of processes sharing the work; each takes a contiguous range")
 
@@ -111,6 +114,15 @@ def _micro_batches(items: Sequence[Tokenized], cfg: ExtractConfig) -> list[list[
     return batches
 
 
+def check_projection(projection: ProjectionConfig, cfg: ExtractConfig) -> None:
+    """Refuse a projection the pool's preconditioning does not commute with, before any work."""
+    if projection.kind == "logra" and cfg.pool_gradient == "adam":
+        raise ConfigError(
+            "projection.kind logra projects each LoRA layer's input and output separately and never forms the "
+            "per-example gradient, so the Adam direction (elementwise on the whole gradient) cannot be taken: set "
+            "extract.pool_gradient=sgd (plain gradients for the pool), or use a rademacher, gaussian or sparse projection")
+
+
 class Extractor:
     """A loaded model with its adapter, ready to write gradient stores for example sets."""
 
@@ -118,6 +130,7 @@ class Extractor:
                  projection: ProjectionConfig = ProjectionConfig(), model_cfg: ModelConfig = ModelConfig(),
                  data_cfg: DataConfig = DataConfig(), progress: bool = True,
                  warmup_checkpoints: Sequence[str] | None = None) -> None:
+        check_projection(projection, cfg)
         if not checkpoints:
             raise ModelError("no warmup checkpoint given; run `qless warmup` first")
         self.checkpoints = list(checkpoints)
@@ -129,13 +142,20 @@ class Extractor:
         self.cfg, self.projection, self.data_cfg, self.progress = cfg, projection, data_cfg, progress
         base, self.tokenizer, self.model_identity = load_model(model_cfg)
         self.model = load_adapter(base, self.checkpoints[0].path)
-        self.grads = PerExampleGradients(self.model)
+        # LoGra projects inside the gradient hooks: the rows come out k wide, with nothing left to project
+        self.grads = PerExampleGradients(self.model, projection=projection if projection.kind == "logra" else None)
         self.adapter_identity = {k: v for k, v in adapter_identity(self.model).items() if k != "parameters"}
         self.device = self.grads.device
-        self.projector = Projector(projection, self.grads.dim, self.device)
+        if self.grads.logra is not None:
+            self.projector, self.out_dim = None, self.grads.dim
+            self.projection_identity = self.grads.logra.identity()
+        else:
+            self.projector = Projector(projection, self.grads.dim, self.device)
+            self.out_dim = self.projector.out_dim
+            self.projection_identity = projection.identity(self.grads.dim)
         self.buffer_rows = max(1, min(cfg.chunk_size, cfg.buffer_mb * 2**20 // (4 * self.grads.dim)))
-        log.info("LoRA gradient dimension d = %d; projecting to k = %d, %d rows per projection pass",
-                 self.grads.dim, self.projector.out_dim, self.buffer_rows)
+        log.info("LoRA gradient dimension d = %d; projecting to k = %d (%s), %d rows per projection pass",
+                 self.grads.input_dim, self.out_dim, projection.kind, self.buffer_rows)
 
     # -- one set -------------------------------------------------------------------------------
 
@@ -157,14 +177,19 @@ class Extractor:
 
     def _manifest(self, spec: QuantizerSpec, ckpt: Checkpoint, kind: str, name: str, data_cfg: DataConfig) -> dict[str, Any]:
         return new_manifest(
-            projection=self.projection.identity(self.grads.dim), quantizer=spec,
+            projection=self.projection_identity, quantizer=spec,
             checkpoint={"name": ckpt.name, "learning_rate": ckpt.learning_rate, "adapter_sha256": ckpt.adapter_sha256()},
-            warmup_checkpoints=self.warmup_checkpoints, gradient="adam" if kind == "pool" else "sgd",
+            warmup_checkpoints=self.warmup_checkpoints, gradient=self._gradient(kind),
             model=self.model_identity, adapter=self.adapter_identity,
             tokenization={"template": data_cfg.template, "max_length": data_cfg.max_length, "truncation": data_cfg.truncation},
-            extra={"set": name, "extraction": {k: v for k, v in to_dict(self.cfg).items() if k not in ("formats", "shard_index")},
+            # pool_gradient is the manifest's own "gradient" field
+            extra={"set": name, "extraction": {k: v for k, v in to_dict(self.cfg).items()
+                                               if k not in ("formats", "shard_index", "pool_gradient")},
                    "projection_compute": {"chunk_size": self.projection.chunk_size, "dtype": self.projection.compute_dtype}},
         )
+
+    def _gradient(self, kind: str) -> str:
+        return self.cfg.pool_gradient if kind == "pool" else "sgd"
 
     def _run_checkpoint(self, name: str, inputs: Sequence[Example], kind: str, ckpt: Checkpoint,
                         data_cfg: DataConfig) -> dict[str, Path]:
@@ -216,7 +241,7 @@ class Extractor:
                 raise StoreMismatchError(f"{w.dir}: was written from other input examples than this run's; "
                                          "write to a new output folder")
         set_adapter_weights(self.model, ckpt.path)
-        moments = self._moments(ckpt) if kind == "pool" else None
+        moments = self._moments(ckpt) if self._gradient(kind) == "adam" else None
         start = min(w.consumed for w in writers.values())
         running = _fingerprint(inputs, start, self.cfg.chunk_size)
         n_skipped = 0
@@ -273,7 +298,7 @@ class Extractor:
     def _chunk(self, chunk: Sequence[Tokenized], moments: tuple | None) -> tuple[torch.Tensor, dict[int, str]]:
         """Projected gradient rows ``[len(chunk), k]`` (CPU float32) in chunk order, and the
         indices of rows with a non-finite gradient (their rows are zero) with the reason."""
-        out = torch.zeros(len(chunk), self.projector.out_dim)
+        out = torch.zeros(len(chunk), self.out_dim)
         bad: dict[int, str] = {}
         pending: list[tuple[list[int], torch.Tensor]] = []
         pending_rows = 0
@@ -284,7 +309,7 @@ class Extractor:
                 return
             idx = [i for ids, _ in pending for i in ids]
             g = torch.cat([x for _, x in pending]) if len(pending) > 1 else pending[0][1]
-            out[idx] = self.projector(g).cpu()
+            out[idx] = (g if self.projector is None else self.projector(g)).cpu()
             pending, pending_rows = [], 0
 
         pad = self.tokenizer.pad_token_id

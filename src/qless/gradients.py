@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qless.errors import ModelError
+from qless.errors import ConfigError, ModelError
+from qless.project import ProjectionConfig
+from qless.project.logra import Factor, LograProjection
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +243,7 @@ class PerExampleGradients:
             a mismatch means the adapter uses its weights outside the hooked Linears.
     """
 
-    def __init__(self, model: nn.Module, verify: bool = True) -> None:
+    def __init__(self, model: nn.Module, verify: bool = True, projection: ProjectionConfig | None = None) -> None:
         self.model = model
         self.params = lora_parameters(model)
         owners = _lora_linears(model)
@@ -250,8 +252,10 @@ class PerExampleGradients:
         for _, p in self.params:
             offsets[id(p)] = d
             d += p.numel()
+        self.input_dim = d
+        """d, the number of LoRA parameters."""
         self.dim = d
-        """d, the number of LoRA parameters: the width of the returned gradients."""
+        """The width of the returned gradients: d, or LoGra's k when ``projection`` is given."""
         self.param_slices: dict[str, slice] = {}
         """Parameter name -> its columns in a [B, d] gradient; ``grads[:, s].view(B, *shape)``
         is that parameter's per-example gradient."""
@@ -270,12 +274,30 @@ class PerExampleGradients:
                 bias_offset=offsets[id(b)] if b is not None and b.requires_grad else -1,
             )
         self._slots = list(slots.values())
+        self.logra: LograProjection | None = None
+        """The factorised projection applied inside the hooks (``projection`` of kind logra), or None."""
+        self._factors: dict[str, Factor] = {}
+        if projection is not None:
+            self._init_logra(projection)
         first = self.params[0][1]
         self.device = first.device
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         """Dtype of the returned gradients: float32, or float64 when the LoRA parameters are."""
         self._verify = verify
         self._buffer: torch.Tensor | None = None
+
+    def _init_logra(self, projection: ProjectionConfig) -> None:
+        if projection.kind != "logra":
+            raise ConfigError(f"PerExampleGradients projects inside its hooks with kind logra only, not {projection.kind!r}; "
+                              "other kinds project the returned rows (qless.project.Projector)")
+        frozen = [s.name for s in self._slots if s.weight_offset < 0]
+        if frozen:
+            raise ModelError(f"{frozen[0]}: a LoRA factor with a frozen weight and a trainable bias cannot be projected "
+                             "per layer; unfreeze the weight or use a dense or sparse projection")
+        shapes = [(s.name, s.module.out_features, s.module.in_features, s.bias_offset >= 0) for s in self._slots]
+        self.logra = LograProjection(projection, shapes, self.input_dim)
+        self._factors = {s.name: f for s, f in zip(self._slots, self.logra.factors)}
+        self.dim = self.logra.out_dim
 
     def __enter__(self) -> PerExampleGradients:
         return self
@@ -291,6 +313,8 @@ class PerExampleGradients:
 
     def blocks(self, grads: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a [B, d] gradient into per-parameter views [B, *param.shape], without copying."""
+        if self.logra is not None:
+            raise ValueError("LoGra-projected gradients have no per-parameter blocks")
         bsz = grads.shape[0]
         return {name: grads[:, self.param_slices[name]].view(bsz, *p.shape) for name, p in self.params}
 
@@ -368,6 +392,9 @@ class PerExampleGradients:
         buf = self._buffer
         assert buf is not None, "gradient hook fired outside a PerExampleGradients call"
         bsz = buf.shape[0]
+        if self.logra is not None:
+            self._logra_block(slot, x, g, buf)
+            return
         out_f, in_f = slot.module.out_features, slot.module.in_features
         gx = g.to(self.dtype)
         if slot.weight_offset >= 0:
@@ -376,8 +403,42 @@ class PerExampleGradients:
         if slot.bias_offset >= 0:
             buf[:, slot.bias_offset : slot.bias_offset + out_f].add_(gx.sum(dim=1).to(buf.device))
 
+    def _logra_block(self, slot: _Slot, x: torch.Tensor, g: torch.Tensor, buf: torch.Tensor) -> None:
+        """Write ``sum_t (P_out g[b, t]) (P_in x[b, t])^T`` ([B, k_out, k_in]) and ``P_out sum_t g[b, t]``
+        for a bias: the LoGra-projected gradient, without the [B, out, in] one."""
+        assert self.logra is not None
+        f = self._factors[slot.name]
+        gp = self.logra.side(f, "out", g, self.dtype)  # [B, T, k_out]
+        xp = self.logra.side(f, "in", x, self.dtype)  # [B, T, k_in]
+        bsz, width = buf.shape[0], f.k_out * f.k_in
+        block = torch.bmm(gp.transpose(1, 2), xp)
+        buf[:, f.offset:f.offset + width].add_(block.reshape(bsz, -1).to(buf.device))
+        if f.bias:
+            buf[:, f.offset + width:f.offset + width + f.k_out].add_(gp.sum(dim=1).to(buf.device))
+
+    def _logra_batch(self, batch_grads: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        """Autograd's batch gradient projected the LoGra way, a [dim] row (the self-check's reference)."""
+        assert self.logra is not None
+        grads = {id(p): g for (_, p), g in zip(self.params, batch_grads)}
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for slot in self._slots:
+            f = self._factors[slot.name]
+            w = grads.get(id(slot.module.weight))
+            if w is not None:
+                wp = self.logra.side(f, "in", w.to(self.dtype), self.dtype)  # [out, k_in]
+                wp = self.logra.side(f, "out", wp.T, self.dtype).T  # [k_out, k_in]
+                out[f.offset:f.offset + f.k_out * f.k_in] = wp.reshape(-1).to(out.device)
+            b = grads.get(id(slot.module.bias)) if f.bias else None
+            if b is not None:
+                start = f.offset + f.k_out * f.k_in
+                out[start:start + f.k_out] = self.logra.side(f, "out", b.to(self.dtype), self.dtype).to(out.device)
+        return out
+
     def _check_sum(self, grads: torch.Tensor, batch_grads: tuple[torch.Tensor | None, ...]) -> None:
         """Raise ModelError if a parameter's per-example gradients do not sum to autograd's."""
+        if self.logra is not None:
+            self._check_logra_sum(grads, batch_grads)
+            return
         for (name, p), s, ref in zip(self.params, self.param_slices.values(), batch_grads):
             ours = grads[:, s]
             if not bool(torch.isfinite(ours).all()):
@@ -395,6 +456,26 @@ class PerExampleGradients:
                     "LoRA Linear's forward, which is unsupported"
                 )
         logger.debug("per-example gradients sum to the batch gradient for all %d LoRA parameters", len(self.params))
+
+
+    def _check_logra_sum(self, grads: torch.Tensor, batch_grads: tuple[torch.Tensor | None, ...]) -> None:
+        """The LoGra rows summed over the batch equal autograd's batch gradient projected alike
+        (projection is linear), factor by factor."""
+        if not bool(torch.isfinite(grads).all()) or not all(g is None or bool(torch.isfinite(g).all()) for g in batch_grads):
+            return
+        ref = self._logra_batch(batch_grads)
+        ours = grads.sum(dim=0)
+        rtol = VERIFY_RTOL.get(self.params[0][1].dtype, VERIFY_RTOL_LOW_PRECISION)
+        if self.logra is not None and self.logra.dtype == torch.bfloat16 and self.dtype != torch.float64:
+            rtol = max(rtol, VERIFY_RTOL_LOW_PRECISION)
+        for f in self._factors.values():
+            cols = slice(f.offset, f.offset + f.size)
+            err = float((ours[cols] - ref[cols]).norm())
+            scale = float(grads[:, cols].norm(dim=1).sum()) + float(ref[cols].norm()) + torch.finfo(self.dtype).tiny
+            if err > rtol * scale:
+                raise ModelError(
+                    f"LoGra-projected per-example gradients of {f.name} do not sum to the projected batch gradient "
+                    f"(relative error {err / scale:.2e}): the adapter uses this weight outside its LoRA Linear's forward")
 
 
 def _gather_label_positions(keep: torch.Tensor, module: nn.Module, args: tuple) -> tuple | None:

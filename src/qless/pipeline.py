@@ -41,7 +41,7 @@ from qless import presets
 from qless.config import Config, describe_differences, from_dict, merge, option, parse_overrides, read_config_file, to_dict
 from qless.data import DataConfig, Example
 from qless.errors import ConfigError
-from qless.extraction import ExtractConfig
+from qless.extraction import ExtractConfig, check_projection
 from qless.files import atomic_folder, atomic_write_json, locked, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
@@ -81,6 +81,7 @@ class RunConfig(Config):
             raise ConfigError("run: give the pool data (pool: [files...])")
         if not self.targets:
             raise ConfigError("run: give at least one target task file (targets: [files...])")
+        check_projection(self.projection, self.extract)
         tags = [s.tag for s in self.extract.specs]
         if QuantizerSpec.parse(self.select_format).tag not in tags:
             raise ConfigError(f"run.select_format {self.select_format!r} is not among extract.formats {tags}")

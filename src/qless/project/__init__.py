@@ -12,6 +12,10 @@ operand dtype); :func:`make_projector` builds the projector. Kinds:
   ``k = 131072`` affordable. Inner products keep the dense sign projection's variance
   ``(||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / k``.
 * ``none``: no projection (``k = d``): the exact gradients, for fidelity probes and small models.
+* ``logra``: a factorised per-layer projection (:mod:`qless.project.logra`): each LoRA factor's
+  input and output side is projected to ``dim`` coordinates inside the gradient hooks, so the
+  per-example gradient is never formed; k is the sum of the factors' ``[k_out, k_in]`` blocks.
+  Plain (SGD) gradients only: the Adam direction does not factorise.
 
 :mod:`qless.project.reference` builds every matrix densely in float64 for tests.
 """
@@ -28,7 +32,7 @@ from qless.errors import ConfigError
 from qless.project.reference import dense_reference, project_reference
 from qless.project.seeded import KIND_TAG, Projector, matrix_rows, seed_key
 
-ProjectionKind = Literal["rademacher", "gaussian", "sparse", "none"]
+ProjectionKind = Literal["rademacher", "gaussian", "sparse", "none", "logra"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,10 @@ class ProjectionConfig(Config):
     section = "projection"
 
     kind: ProjectionKind = option("rademacher", "rademacher (dense +-1), gaussian (dense), sparse (sparse JL / CountSketch: "
-                                  "cost independent of k) or none (no projection, k = d)")
-    dim: int = option(8192, "projected dimension k (ignored by kind none, whose k is the gradient dimension d)")
+                                  "cost independent of k), none (no projection, k = d) or logra (factorised per layer; "
+                                  "plain gradients only)")
+    dim: int = option(8192, "projected dimension k (ignored by kind none, whose k is the gradient dimension d; for "
+                      "logra the size s each side of each LoRA factor is projected to, k = sum of min(out, s) * min(in, s))")
     nnz: int = option(1, "sparse kind: non-zeros per input coordinate (1 = CountSketch); must divide dim")
     seed: int = option(0, "seed of the projection matrix (the same seed gives the same matrix everywhere)")
     chunk_size: int = option(512, "rows of R generated at a time (memory and speed only; never changes R)")
@@ -68,6 +74,9 @@ class ProjectionConfig(Config):
 
     def out_dim(self, input_dim: int) -> int:
         """k for ``input_dim``-dimensional inputs (``input_dim`` itself for kind none)."""
+        if self.kind == "logra":
+            raise ConfigError("a logra projection's k depends on the LoRA layers' shapes, not on d alone: "
+                              "see qless.project.logra.LograProjection.out_dim")
         return int(input_dim) if self.kind == "none" else self.dim
 
     def identity(self, input_dim: int) -> dict:

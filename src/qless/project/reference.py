@@ -42,7 +42,7 @@ def dense_reference(cfg: ProjectionConfig, input_dim: int, first_row: int = 0) -
             sign = np.where(h_sign >= np.uint64(1 << 31), 1.0, -1.0)
             np.add.at(out, (np.arange(input_dim), col), sign * math.sqrt(cfg.dim / s))
         return out
-    if cfg.kind == "rademacher":
+    if cfg.kind in ("rademacher", "logra"):
         w = j // np.uint64(32)
         h = _fmix32_np((r[:, None] + w[None, :] * np.uint64(_GOLDEN)) & np.uint64(_M32))
         bit = (h >> (j % np.uint64(32))[None, :]) & np.uint64(1)

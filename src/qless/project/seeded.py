@@ -13,7 +13,8 @@ computed in 32-bit integer arithmetic that wraps identically on CPU and CUDA:
 * row key ``r_i = fmix32(fmix32(i_lo ^ s) + i_hi)`` for input coordinate ``i`` (64-bit)
 * word ``h(i, w) = fmix32(r_i + w * 0x9E3779B9)``, all sums modulo 2^32.
 
-Rademacher: entry ``(i, j)`` is +1 if bit ``j % 32`` of ``h(i, j // 32)`` is set, else -1.
+Rademacher: entry ``(i, j)`` is +1 if bit ``j % 32`` of ``h(i, j // 32)`` is set, else -1 (LoGra's
+side matrices, kind ``logra``, are the same with their own kind tag).
 Gaussian: entries ``(i, 2p)`` and ``(i, 2p + 1)`` are the Box-Muller pair of
 ``u1 = (h(i, 2p) + 0.5) / 2^32`` and ``u2 = h(i, 2p + 1) / 2^32`` computed in float64 and
 rounded to float32 (equal across devices up to float64 rounding of log/cos/sin).
@@ -43,7 +44,7 @@ _C1 = 0x85EBCA6B
 _C2 = 0xC2B2AE35
 _GOLDEN = 0x9E3779B9
 _SEED_SALT = 0x243F6A88
-KIND_TAG = {"rademacher": 0x52414445, "gaussian": 0x47415553, "sparse": 0x53504152}
+KIND_TAG = {"rademacher": 0x52414445, "gaussian": 0x47415553, "sparse": 0x53504152, "logra": 0x4C4F4752}
 SPARSE_CHUNK = 1 << 16
 """Input coordinates hashed at a time by the sparse projection (memory only: 12 bytes each)."""
 
@@ -137,7 +138,7 @@ def matrix_rows(cfg: ProjectionConfig, i0: int, i1: int, device: torch.device | 
         out.scatter_add_(1, cols, signs.to(torch.float64) * math.sqrt(k / cfg.nnz))
         return out.to(dtype)
     key = seed_key(cfg.seed, cfg.kind)
-    if cfg.kind == "rademacher":
+    if cfg.kind in ("rademacher", "logra"):  # LoGra's side matrices are +-1 (qless.project.logra)
         n_words = -(-k // 32)
         words = _words(i0, i1, n_words, key, device)
         signs = torch.nn.functional.embedding(words.view(torch.uint8).to(torch.int32), _sign_lut(device, dtype))
@@ -162,6 +163,9 @@ class Projector:
     def __init__(self, cfg: ProjectionConfig, input_dim: int, device: torch.device | str = "cpu") -> None:
         if input_dim < 1:
             raise ConfigError(f"projection input dimension must be positive, got {input_dim}")
+        if cfg.kind == "logra":
+            raise ConfigError("projection kind logra projects each layer's two sides inside the gradient hooks "
+                              "(qless.project.logra.LograProjection), not whole rows")
         self.cfg = cfg
         self.input_dim = int(input_dim)
         self.device = torch.device(device)
