@@ -5,7 +5,8 @@ The pipeline, one module per stage::
     data        load instruction data, render it, mask the loss to responses
     embedded    the offline benchmark (pool, targets, eval sets) from asset packages
     models      base model + LoRA adapter on a device (optionally 4/8-bit QLoRA base)
-    training    LoRA warmup training on a random p% of the pool, one checkpoint per epoch
+    training    LoRA training: the warmup (a random p% of the pool, one checkpoint per epoch) and
+                fine-tuning on a selection (`qless train`), one loop for both
     gradients   per-example LoRA gradients in one backward pass; the Adam direction
     project/    random projection R^d -> R^k generated from a seed in chunks
     quantize/   absmax / absmean 8-4-2 bit, sign 1 bit, fp16 / fp32; bit packing
@@ -18,7 +19,7 @@ The pipeline, one module per stage::
     pipeline    every stage from one config (`qless run`), and the demo
 
 The public API: the configs, one function per stage (``warmup``, ``extract``, ``score``,
-``select``, ``write_report``, ``run``, ``demo``, ``build_benchmark``) and the store
+``select``, ``train``, ``write_report``, ``run``, ``demo``, ``build_benchmark``) and the store
 (``Datastore``). Names are imported on first use, so ``import qless`` stays light.
 """
 
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ModelConfig": ("qless.models", "ModelConfig"),
     "AdapterConfig": ("qless.models", "AdapterConfig"),
     "WarmupConfig": ("qless.training", "WarmupConfig"),
+    "TrainConfig": ("qless.training", "TrainConfig"),
     "ProjectionConfig": ("qless.project", "ProjectionConfig"),
     "ExtractConfig": ("qless.extraction", "ExtractConfig"),
     "ScoreConfig": ("qless.scoring", "ScoreConfig"),
@@ -47,6 +49,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "extract": ("qless.stages", "run_extract"),
     "score": ("qless.stages", "run_score"),
     "select": ("qless.stages", "run_select"),
+    "train": ("qless.stages", "run_train"),
     "write_report": ("qless.report", "write_report"),
     "run": ("qless.pipeline", "run"),
     "demo": ("qless.pipeline", "demo"),

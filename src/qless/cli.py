@@ -70,6 +70,21 @@ def _cmd_warmup(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from qless.data import DataConfig
+    from qless.models import AdapterConfig, ModelConfig
+    from qless.stages import run_train
+    from qless.training import TrainConfig, train_preset
+
+    record = run_train(ns.data, ns.out, _preset_config(TrainConfig, "train", ns, base=train_preset(ns.preset)),
+                       _preset_config(ModelConfig, "model", ns), _preset_config(AdapterConfig, "adapter", ns),
+                       _preset_config(DataConfig, "data", ns))
+    last = record["epochs"][-1]
+    print(f"{Path(ns.out) / record['adapter']}  {record['examples']} examples, {len(record['epochs'])} epochs, "
+          f"last epoch's mean loss {last['mean_loss']:.4f}, {record['seconds']:.0f} s")
+    return 0
+
+
 def _cmd_extract(ns: argparse.Namespace) -> int:
     from qless.config import to_dict
     from qless.data import DataConfig
@@ -258,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qless.project import ProjectionConfig
     from qless.scoring import ScoreConfig
     from qless.selection import SelectConfig
-    from qless.training import WarmupConfig
+    from qless.training import TrainConfig, WarmupConfig
 
     parser = argparse.ArgumentParser(
         prog="qless",
@@ -289,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (ModelConfig, AdapterConfig, DataConfig, WarmupConfig):
         add_arguments(p, cls)
     _COMMANDS["warmup"] = _cmd_warmup
+
+    p = _subcommand(sub, "train", "LoRA fine-tuning of the base model on a selection or data file (the warmup's recipe)",
+                    "qless train --data run/selected/mmlu --model embedded --preset cpu --out run/train/mmlu")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATA",
+                   help="a selection folder (its selected.jsonl), data files, datasets folders or Hub ids")
+    p.add_argument("--out", required=True, help="folder for the adapter and train.json (an interrupted training resumes there)")
+    p.add_argument("--preset", choices=presets, default="paper", help="settings under your flags; the recipe is the "
+                   "preset's warmup recipe (default: paper)")
+    for cls in (ModelConfig, AdapterConfig, DataConfig, TrainConfig):
+        add_arguments(p, cls)
+    _COMMANDS["train"] = _cmd_train
 
     p = _subcommand(sub, "extract", "write quantized gradient stores of a data set at every warmup checkpoint",
                     "qless extract --warmup run/warmup --data pool.jsonl --name pool --kind pool --out run/grads")

@@ -9,6 +9,7 @@ writes its output folder and returns what it wrote. The library functions undern
 * :func:`run_extract` a warmup folder and data sets -> ``OUT/<format>/<set>/<checkpoint>`` stores
 * :func:`run_score`   pool and target stores -> a scores folder
 * :func:`run_select`  a scores folder -> a selection folder (one subfolder per task if several)
+* :func:`run_train`   a selection folder or data files -> ``OUT/adapter`` (LoRA fine-tuning, the warmup's recipe)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from qless.config import from_dict
 from qless.data import DataConfig, Example, load_examples
 from qless.distributed import all_succeeded, device_for, launch_info, process_group, shard_config
-from qless.errors import ConfigError, ModelError
+from qless.errors import ConfigError, DataError, ModelError
 from qless.extraction import ExtractConfig, extract, finish_stores
 from qless.files import atomic_folder, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig
@@ -32,7 +33,7 @@ from qless.project import ProjectionConfig
 from qless.scoring import ScoreConfig, read_scores, score, write_scores
 from qless.selection import SelectConfig, choose, write_selection_files
 from qless.store import open_by_checkpoint
-from qless.training import Checkpoint, WarmupConfig, read_checkpoints, read_warmup, warmup
+from qless.training import Checkpoint, TrainConfig, WarmupConfig, read_checkpoints, read_warmup, train, warmup
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,36 @@ def select_into(folder: Path, scores: str | Path, cfg: SelectConfig, *, tasks: S
         summaries[task] = write_selection_files(dest, choose(col, cfg), col, rows, cfg, records=records,
                                                 info={"task": task, "scores": str(scores), **dict(info or {})})
     return summaries
+
+
+def run_train(data: Sequence[DataSpec] | Sequence[Example], out: str | Path, cfg: TrainConfig = TrainConfig(),
+              model: ModelConfig = ModelConfig(), adapter: AdapterConfig = AdapterConfig(),
+              data_cfg: DataConfig = DataConfig(), *, progress: bool = True) -> dict[str, Any]:
+    """LoRA fine-tuning of the base model on data files, selection folders (their ``selected.jsonl``)
+    or examples; writes ``out/adapter`` and ``out/train.json`` and returns the latter's content."""
+    specs = [spec if isinstance(spec, Example) else selected_examples(spec) for spec in data]
+    examples = load_data(specs, data_cfg)
+    source = {"data": [str(s) for s in specs if not isinstance(s, Example)]}
+    with output_errors(out):
+        return train(examples, out, cfg, model, adapter, data_cfg, progress=progress, source=source)
+
+
+def selected_examples(spec: DataSpec) -> DataSpec:
+    """The ``selected.jsonl`` of a selection folder (``qless select``, ``qless baseline``); any
+    other data spec unchanged."""
+    path = Path(spec)
+    if not path.is_dir():
+        return spec
+    if (path / "selection.json").is_file():
+        if not (path / "selected.jsonl").is_file():
+            raise DataError(f"{path}: the selection has no selected.jsonl (it was made without the pool data); select "
+                            "again with --pool-data, or give the data file")
+        return path / "selected.jsonl"
+    tasks = sorted(p.name for p in path.iterdir() if (p / "selection.json").is_file())
+    if tasks:
+        raise ConfigError(f"{path}: holds one selection per task ({', '.join(tasks)}); give one of them, "
+                          f"e.g. {path / tasks[0]}")
+    return spec
 
 
 def check_percent(percent: float, what: str) -> None:

@@ -1,11 +1,13 @@
-"""Warmup: LoRA-train the base model on a random p% of the pool, one checkpoint per epoch.
+"""LoRA training: the warmup (a random p% of the pool, one checkpoint per epoch) and the
+fine-tuning of the base model on a selection, one training loop for both.
 
-The gradient features of the later stages are taken at these checkpoints, and the pool's
+The gradient features of the later stages are taken at the warmup's checkpoints, and the pool's
 features use each checkpoint's Adam moments, so a checkpoint keeps:
 
     OUT/checkpoint-E/
       adapter_config.json, adapter_model.safetensors   the LoRA adapter (peft layout)
       optimizer.safetensors   "<param>.exp_avg" / "<param>.exp_avg_sq" keyed by parameter NAME
+      rng_state.safetensors   the RNG state, so that dropout draws continue exactly on resume
       checkpoint.json         epoch, optimizer step, the learning rate that weights the
                               checkpoint (the mean lr over its epoch, as LESS), Adam settings,
                               the epoch's mean loss, and the training state for resuming
@@ -16,6 +18,18 @@ different subset). The loss of a step is the mean over all response tokens of it
 batch, accumulated over micro-batches, so the micro-batch size changes memory, not the maths.
 An interrupted warmup resumes from its last complete epoch (adapter, moments, scheduler
 position and data order restored), repeating no finished epoch.
+
+:func:`train` runs the same loop with the same recipe (:class:`TrainingRecipe`) on examples the
+caller gives (a selection, a baseline, any data file) and writes::
+
+    OUT/adapter/              the final LoRA adapter (peft layout, safetensors)
+    OUT/train.json            settings, the data's digest, losses and learning rates per step and
+                              epoch, wall time
+    OUT/checkpoint-E/         as above: the last finished epoch's (for resuming), or every epoch's
+                              with ``save_epochs``
+
+Trained on the warmup's subset with the warmup's recipe, it gives the warmup's last adapter byte
+for byte (tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -24,10 +38,11 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,14 +62,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WarmupConfig(Config):
-    """Warmup training settings; the defaults are the QLESS paper's."""
+class TrainingRecipe(Config):
+    """How LoRA training runs, shared by the warmup and :func:`train`; the defaults are the QLESS paper's."""
 
-    section = "warmup"
+    section = "recipe"
 
-    percent: float = option(5.0, "percent of the pool drawn for warmup training")
-    seed: int = option(0, "seed of the subset draw, the data order and the LoRA initialisation")
-    epochs: int = option(4, "epochs; one checkpoint is kept per epoch")
+    seed: int = option(0, "seed of the data order and the LoRA initialisation")
+    epochs: int = option(4, "epochs")
     learning_rate: float = option(2e-5, "peak learning rate")
     schedule: Literal["cosine", "linear"] = option("cosine", "decay after warmup: cosine (QLESS) or linear (LESS)")
     warmup_ratio: float = option(0.03, "fraction of all steps spent warming the learning rate up linearly")
@@ -67,15 +81,55 @@ class WarmupConfig(Config):
     adam_eps: float = option(1e-8, "Adam epsilon")
 
     def validate(self) -> None:
-        if not 0 < self.percent <= 100:
-            raise ConfigError(f"warmup.percent must be in (0, 100], got {self.percent}")
         for name in ("epochs", "batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"warmup.{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{self.section}.{name} must be a positive integer, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ConfigError(f"warmup.learning_rate must be positive, got {self.learning_rate}")
+            raise ConfigError(f"{self.section}.learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"{self.section}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def recipe_of(cfg: TrainingRecipe) -> dict[str, Any]:
+    """The recipe fields of a warmup or train config, e.g. to train with a warmup's recipe:
+    ``TrainConfig(**recipe_of(warmup_cfg))``."""
+    return {f.name: getattr(cfg, f.name) for f in fields(TrainingRecipe)}
+
+
+@dataclass(frozen=True)
+class WarmupConfig(TrainingRecipe):
+    """Warmup training settings: the recipe and the share of the pool it trains on."""
+
+    section = "warmup"
+
+    seed: int = option(0, "seed of the subset draw, the data order and the LoRA initialisation")
+    epochs: int = option(4, "epochs; one checkpoint is kept per epoch")
+    percent: float = option(5.0, "percent of the pool drawn for warmup training")
+
+    def validate(self) -> None:
+        if not 0 < self.percent <= 100:
+            raise ConfigError(f"warmup.percent must be in (0, 100], got {self.percent}")
+        super().validate()
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainingRecipe):
+    """Fine-tuning settings (``qless train``): the recipe, and which checkpoints to keep."""
+
+    section = "train"
+
+    save_epochs: bool = option(False, "keep every epoch's checkpoint (adapter and Adam moments), not only the final "
+                               "adapter")
+
+
+def train_preset(name: str) -> TrainConfig:
+    """The fine-tuning settings of a named preset: its warmup recipe (the paper fine-tunes with the
+    warmup's recipe), under the preset's own ``train`` section when it has one."""
+    from qless.config import from_dict
+    from qless.presets import preset_section
+
+    warm = from_dict(WarmupConfig, preset_section(name, "warmup"), f"preset {name}: warmup")
+    return from_dict(TrainConfig, {**recipe_of(warm), **preset_section(name, "train")}, f"preset {name}: train")
 
 
 @dataclass(frozen=True)
@@ -167,7 +221,7 @@ def read_checkpoints(warmup_dir: str | Path, *, finished: bool = False) -> list[
     return out
 
 
-def _schedule(optimizer: torch.optim.Optimizer, cfg: WarmupConfig, total_steps: int):
+def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainingRecipe, total_steps: int):
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     warm = math.ceil(cfg.warmup_ratio * total_steps)
@@ -216,7 +270,7 @@ def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[st
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    fix = f"delete {ckpt} and resume the warmup"
+    fix = f"delete {ckpt} and run the same command again (it resumes from the epoch before)"
     meta = read_json(ckpt / "checkpoint.json", StoreError, fix)
     try:
         step, epoch = int(meta["step"]), int(meta["epoch"])
@@ -229,6 +283,110 @@ def _restore(model: Any, optimizer: torch.optim.Optimizer, params: list[tuple[st
         optimizer.state[p] = {"step": torch.tensor(float(meta["step"])), "exp_avg": m.to(p.device, p.dtype),
                               "exp_avg_sq": v.to(p.device, p.dtype)}
     return meta
+
+
+@dataclass
+class EpochLog:
+    """What one epoch did: per optimizer step the learning rate used and the loss, and its wall time."""
+
+    epoch: int
+    step: int  # optimizer steps taken since the start of training, this epoch's included
+    learning_rates: list[float]
+    losses: list[float]
+    seconds: float
+
+    @property
+    def mean_learning_rate(self) -> float:
+        return float(np.mean(self.learning_rates))
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses))
+
+
+class Trainer:
+    """The training loop of the warmup and of :func:`train`: the base model with a fresh LoRA
+    adapter (seeded), AdamW and the recipe's schedule over the tokenized examples.
+
+    The caller runs it epoch by epoch (:meth:`epoch`), saves a checkpoint after each
+    (:meth:`save`) and, after an interruption, restores the last one (:meth:`resume`), which
+    continues byte for byte as if nothing had stopped: the data order of an epoch depends only on
+    the seed and the epoch, and the RNG state is restored with the adapter and moments."""
+
+    def __init__(self, examples: Sequence[Example], recipe: TrainingRecipe, model_cfg: ModelConfig,
+                 adapter_cfg: AdapterConfig, data_cfg: DataConfig, *, what: str, progress: bool = True) -> None:
+        self.recipe, self.what = recipe, what
+        model, self.tokenizer, self.model_identity = load_model(model_cfg)
+        self.items, self.skipped = tokenize_examples(examples, self.tokenizer, data_cfg, progress=progress)
+        if not self.items:
+            raise DataError(f"no {what} example has a response token left after truncation; raise max_length")
+        torch.manual_seed(recipe.seed)
+        self.model = attach_lora(model, adapter_cfg)
+        self.params = lora_parameters(self.model)
+        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=recipe.learning_rate,
+                                           betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
+                                           weight_decay=recipe.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.items) / recipe.batch_size)
+        self.scheduler = _schedule(self.optimizer, recipe, self.steps_per_epoch * recipe.epochs)
+        self.step = 0
+
+    def resume(self, checkpoint: Path) -> dict[str, Any]:
+        """Restore the adapter, Adam state, RNG state and schedule position saved by :meth:`save`."""
+        meta = _restore(self.model, self.optimizer, self.params, checkpoint)
+        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(meta["step"]):
+                self.scheduler.step()
+        self.step = meta["step"]
+        log.info("resuming %s after epoch %d (step %d)", self.what, meta["epoch"], meta["step"])
+        return meta
+
+    def epoch(self, epoch: int, progress: bool = True) -> EpochLog:
+        """Train one epoch (1-based) over the examples in the seed's order for that epoch."""
+        cfg = self.recipe
+        device = next(p for _, p in self.params).device
+        pad = self.tokenizer.pad_token_id
+        self.model.train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.items))
+        lrs, losses = [], []
+        bar = progress_bar(range(self.steps_per_epoch), desc=f"{self.what} epoch {epoch}/{cfg.epochs}", unit="step",
+                           enabled=progress)
+        start = time.perf_counter()
+        for s in bar:
+            batch = [self.items[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
+            n_tokens = _step_tokens(batch)
+            total = 0.0
+            for micro in _micro_batches(batch, cfg.micro_batch_size):
+                tensors = {k: v.to(device) for k, v in collate(micro, pad).items()}
+                logits = self.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tensors["labels"][:, 1:].flatten(),
+                                                         ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens
+                loss.backward()
+                total += float(loss.detach())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
+            lrs.append(self.scheduler.get_last_lr()[0])
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            self.step += 1
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lrs[-1]:.2e}")
+        bar.close()
+        return EpochLog(epoch, self.step, lrs, losses, time.perf_counter() - start)
+
+    def save(self, path: Path, done: EpochLog) -> dict[str, Any]:
+        """Write the checkpoint of the epoch just finished (adapter, named moments, RNG state,
+        ``checkpoint.json``) to ``path``; returns ``checkpoint.json``'s content."""
+        cfg = self.recipe
+        meta = {"epoch": done.epoch, "step": done.step, "learning_rate": done.mean_learning_rate,
+                "mean_loss": done.mean_loss, "adam": {"beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2, "eps": cfg.adam_eps},
+                "parameters": [n for n, _ in self.params], "seconds": done.seconds}
+        _save_checkpoint(self.model, self.optimizer, self.params, path, meta)
+        return meta
+
+    def skipped_rows(self) -> list[dict[str, str]]:
+        return [{"source": s.example.source, "id": s.example.id, "reason": s.reason} for s in self.skipped]
 
 
 def warmup(pool: Sequence[Example], out_dir: str | Path, cfg: WarmupConfig = WarmupConfig(),
@@ -259,69 +417,123 @@ def _warmup(pool: Sequence[Example], out_dir: Path, cfg: WarmupConfig, model_cfg
         log.info("warmup in %s already finished (%d checkpoints)", out_dir, len(done))
         return read_checkpoints(out_dir)
 
-    model, tokenizer, model_identity = load_model(model_cfg)
-    items, skipped = tokenize_examples(subset, tokenizer, data_cfg, progress=progress)
-    if not items:
-        raise DataError("no warmup example has a response token left after truncation; raise max_length")
-    torch.manual_seed(cfg.seed)
-    model = attach_lora(model, adapter_cfg)
-    params = lora_parameters(model)
-    optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
-    scheduler = _schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
-    info = info or {"format": "qless-warmup", "created_with": f"qless {__version__}", "settings": settings,
-                    "model": model_identity, "adapter": adapter_identity(model), "subset_size": len(items),
-                    "subset_skipped": [{"source": s.example.source, "id": s.example.id, "reason": s.reason} for s in skipped],
-                    "steps_per_epoch": steps_per_epoch, "checkpoints": []}
+    trainer = Trainer(subset, cfg, model_cfg, adapter_cfg, data_cfg, what="warmup", progress=progress)
+    items = trainer.items
+    info = info or {"format": WARMUP_FORMAT, "created_with": f"qless {__version__}", "settings": settings,
+                    "model": trainer.model_identity, "adapter": adapter_identity(trainer.model), "subset_size": len(items),
+                    "subset_skipped": trainer.skipped_rows(), "steps_per_epoch": trainer.steps_per_epoch, "checkpoints": []}
     atomic_write_json(info_path, info)
     (out_dir / "subset.jsonl").write_text("".join(json.dumps({"source": t.example.source, "id": t.example.id}) + "\n" for t in items))
     if done:
-        meta = _restore(model, optimizer, params, out_dir / done[-1]["name"])
-        with warnings.catch_warnings():  # replaying the schedule without optimizer steps is intended
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(meta["step"]):
-                scheduler.step()
-        log.info("resuming warmup after epoch %d (step %d)", meta["epoch"], meta["step"])
-    device = next(p for _, p in params).device
-    pad = tokenizer.pad_token_id
-    model.train()
-    step = len(done) * steps_per_epoch
+        trainer.resume(out_dir / done[-1]["name"])
     for epoch in range(len(done) + 1, cfg.epochs + 1):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-        lrs, losses = [], []
-        bar = progress_bar(range(steps_per_epoch), desc=f"warmup epoch {epoch}/{cfg.epochs}", unit="step", enabled=progress)
-        start = time.perf_counter()
-        for s in bar:
-            batch = [items[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
-            n_tokens = _step_tokens(batch)
-            total = 0.0
-            for micro in _micro_batches(batch, cfg.micro_batch_size):
-                tensors = {k: v.to(device) for k, v in collate(micro, pad).items()}
-                logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tensors["labels"][:, 1:].flatten(),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens
-                loss.backward()
-                total += float(loss.detach())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
-            lrs.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
-            step += 1
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lrs[-1]:.2e}")
-        bar.close()
+        result = trainer.epoch(epoch, progress)
         name = f"checkpoint-{epoch}"
-        meta = {"epoch": epoch, "step": step, "learning_rate": float(np.mean(lrs)), "mean_loss": float(np.mean(losses)),
-                "adam": {"beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2, "eps": cfg.adam_eps},
-                "parameters": [n for n, _ in params], "seconds": time.perf_counter() - start}
-        _save_checkpoint(model, optimizer, params, out_dir / name, meta)
-        info["checkpoints"].append({"name": name, "epoch": epoch, "step": step, "learning_rate": meta["learning_rate"],
+        meta = trainer.save(out_dir / name, result)
+        info["checkpoints"].append({"name": name, "epoch": epoch, "step": result.step, "learning_rate": meta["learning_rate"],
                                     "mean_loss": meta["mean_loss"]})
         atomic_write_json(info_path, info)
         log.info("epoch %d: mean loss %.4f, mean lr %.3g, %.1f s -> %s", epoch, meta["mean_loss"], meta["learning_rate"],
                  meta["seconds"], out_dir / name)
-    model.eval()
+    trainer.model.eval()
     return read_checkpoints(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning on given data (qless train)
+
+TRAIN_FORMAT = "qless-train"
+ADAPTER_DIR = "adapter"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def read_train(out_dir: str | Path) -> dict[str, Any]:
+    """``train.json`` of a training folder, checked: format, settings, the epochs done."""
+    path = Path(out_dir) / "train.json"
+    fix = "the folder is damaged or not a qless training: train into a new folder"
+    record = read_json(path, StoreError, fix)
+    if not isinstance(record, dict) or record.get("format") != TRAIN_FORMAT:
+        raise StoreError(f"{path}: not a qless training record (field 'format' must be {TRAIN_FORMAT!r}); {fix}")
+    if not isinstance(record.get("settings"), dict):
+        raise StoreError(f"{path}: field 'settings' must be an object; {fix}")
+    epochs = record.get("epochs")
+    if not isinstance(epochs, list) or not all(isinstance(e, dict) and e.get("epoch") == i
+                                               for i, e in enumerate(epochs, start=1)):
+        raise StoreError(f"{path}: field 'epochs' must list the finished epochs 1, 2, ... in order; {fix}")
+    if not isinstance(record.get("finished"), bool):
+        raise StoreError(f"{path}: field 'finished' must be true or false; {fix}")
+    return record
+
+
+def train(data: Sequence[Example], out_dir: str | Path, cfg: TrainConfig = TrainConfig(),
+          model_cfg: ModelConfig = ModelConfig(), adapter_cfg: AdapterConfig = AdapterConfig(),
+          data_cfg: DataConfig = DataConfig(), *, progress: bool = True,
+          source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """LoRA-train the base model on ``data`` (all of it, in the seed's order) with the recipe of
+    ``cfg``; returns ``train.json``'s content. ``source`` (e.g. the files or selection the data
+    came from) is recorded as is.
+
+    Resumes from the last finished epoch in ``out_dir`` when the settings and data match; a
+    finished training is returned without loading a model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with locked(out_dir / ".train.lock", f"the training in {out_dir}"):
+        return _train(data, out_dir, cfg, model_cfg, adapter_cfg, data_cfg, progress, dict(source or {}))
+
+
+def _train(data: Sequence[Example], out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, adapter_cfg: AdapterConfig,
+           data_cfg: DataConfig, progress: bool, source: dict[str, Any]) -> dict[str, Any]:
+    settings = {"train": to_dict(cfg), "model": to_dict(model_cfg), "adapter": to_dict(adapter_cfg), "data": to_dict(data_cfg),
+                "data_size": len(data), "data_sha256": examples_digest(data)}
+    path = out_dir / "train.json"
+    record = read_train(out_dir) if path.is_file() else None
+    if record is not None and record["settings"] != settings:
+        raise ConfigError(f"{out_dir}: holds a training with other settings or of other data; they differ in "
+                          f"{describe_differences(record['settings'], settings)}. Use a new folder, or delete this one")
+    if record is not None and record["finished"]:
+        log.info("training in %s already finished", out_dir)
+        _drop_checkpoints(out_dir, cfg, keep=None)
+        return record
+    done = len(record["epochs"]) if record else 0
+    if done < cfg.epochs:
+        trainer = Trainer(data, cfg, model_cfg, adapter_cfg, data_cfg, what="training", progress=progress)
+        record = record or {"format": TRAIN_FORMAT, "created_with": f"qless {__version__}", "settings": settings,
+                            "source": source, "model": trainer.model_identity, "adapter": adapter_identity(trainer.model),
+                            "examples": len(trainer.items), "skipped": trainer.skipped_rows(),
+                            "steps_per_epoch": trainer.steps_per_epoch, "epochs": [], "seconds": 0.0, "finished": False}
+        atomic_write_json(path, record)
+        if done:
+            trainer.resume(out_dir / f"checkpoint-{done}")
+        for epoch in range(done + 1, cfg.epochs + 1):
+            result = trainer.epoch(epoch, progress)
+            trainer.save(out_dir / f"checkpoint-{epoch}", result)
+            record["epochs"].append({"epoch": epoch, "step": result.step, "mean_loss": result.mean_loss,
+                                     "mean_learning_rate": result.mean_learning_rate, "seconds": result.seconds,
+                                     "losses": result.losses, "learning_rates": result.learning_rates})
+            record["seconds"] = sum(e["seconds"] for e in record["epochs"])
+            atomic_write_json(path, record)  # the epoch counts once its checkpoint and this record are written
+            _drop_checkpoints(out_dir, cfg, keep=epoch)
+            log.info("epoch %d: mean loss %.4f, mean lr %.3g, %.1f s", epoch, result.mean_loss, result.mean_learning_rate,
+                     result.seconds)
+        trainer.model.eval()
+    assert record is not None
+    last = out_dir / f"checkpoint-{cfg.epochs}"
+    with atomic_folder(out_dir / ADAPTER_DIR, replace=True, what="the adapter") as tmp:
+        for name in _ADAPTER_FILES:  # the final adapter is the last epoch's, byte for byte
+            shutil.copyfile(last / name, tmp / name)
+    record.update(finished=True, adapter=ADAPTER_DIR)
+    atomic_write_json(path, record)
+    _drop_checkpoints(out_dir, cfg, keep=None)
+    log.info("trained on %d examples for %d epochs (%.1f s): adapter in %s", record["examples"], cfg.epochs,
+             record["seconds"], out_dir / ADAPTER_DIR)
+    return record
+
+
+def _drop_checkpoints(out_dir: Path, cfg: TrainConfig, keep: int | None) -> None:
+    """Without ``save_epochs``, remove every epoch checkpoint but ``checkpoint-<keep>`` (the one a
+    resumed run needs; ``None``: all, once the final adapter is written)."""
+    if cfg.save_epochs:
+        return
+    for epoch in range(1, cfg.epochs + 1):
+        if epoch != keep and (out_dir / f"checkpoint-{epoch}").is_dir():
+            shutil.rmtree(out_dir / f"checkpoint-{epoch}")
