@@ -23,9 +23,11 @@ from qless.fidelity.recommend import read_recommendation, recommend
 from qless.fidelity.settings import project_side, projections, setting_scores
 from qless.models import ModelConfig, load_adapter, load_model, set_adapter_weights
 from qless.pipeline import build_run_config, run
+from qless.project import ProjectionConfig
 from qless.quantize import QuantizerSpec
 from qless.scoring import read_scores
 from qless.scoring.aggregate import checkpoint_weights, target_groups
+from qless.store import Datastore
 from qless.training import read_checkpoints
 from utils import CODE_FLIP_ATOL, EXACT_COSINE_ATOL, SCORE_ATOL, reference_gradients
 
@@ -171,6 +173,30 @@ def test_settings_equal_the_scorer_on_stores_of_that_setting(tiny_run):
                 assert np.median(diff) <= SCORE_ATOL and diff.max() <= CODE_FLIP_ATOL
 
 
+def test_logra_is_measured_on_plain_pool_gradients(tiny_run):
+    """kinds logra needs a probe of plain pool gradients (its own folder); its k follows from the
+    adapter's layers; the run's own (Adam) stores are not compared; a logra recommendation
+    carries the side and extract.pool_gradient."""
+    from qless.fidelity.settings import logra_layout
+
+    root, cfg, _, _ = tiny_run
+    fcfg = FidelityConfig(kinds=("logra", "sparse"), logra_sides=(2, 4), dims=(64,), pool_gradient="sgd", bootstrap=0,
+                          formats=("fp32", "sign1"), model_dtypes=("float32",), criterion="recall@10", threshold=0.0)
+    report = fidelity(root / "run", root / "fid-sgd", fcfg, progress=False)
+    assert (root / "fid-sgd" / "probe" / "float32-sgd").is_dir()
+    store = Datastore.open(next((root / "fid-sgd" / "probe" / "float32-sgd" / "fp32" / "pool").iterdir()))
+    assert store.manifest["gradient"] == "sgd"
+    layout = logra_layout(cfg, root / "run" / "warmup")
+    logra = [e for e in report["settings"] if e["projection"] == "logra"]
+    assert sorted({(e["side"], e["k"]) for e in logra}) == [
+        (s, layout.projection(ProjectionConfig(kind="logra", dim=s)).out_dim) for s in (2, 4)]
+    assert report["run_stores"] == []
+    rec = report["recommendation"]
+    assert rec["met"] and rec["config"]["extract"]["pool_gradient"] == "sgd"
+    if rec["setting"]["projection"] == "logra":  # the fewest bytes at threshold 0: side 2
+        assert rec["config"]["projection"]["dim"] == 2
+
+
 def test_fidelity_outputs(tiny_run):
     root, _, fcfg, report = tiny_run
     out = root / "fid"
@@ -312,6 +338,8 @@ def test_fidelity_config_validation(tmp_path):
         FidelityConfig(dims=(100,))
     with pytest.raises(ConfigError, match="kinds"):
         FidelityConfig(kinds=("none",))
+    with pytest.raises(ConfigError, match="pool-gradient sgd"):
+        FidelityConfig(kinds=("logra",))
     with pytest.raises(ConfigError, match="absmax: 3 bits"):
         FidelityConfig(formats=("absmax3",))
     assert from_dict(FidelityConfig, {"percents": "1,2", "criterion": "recall@2"}).percents == (1.0, 2.0)

@@ -142,3 +142,19 @@ def test_projector_and_manifest_identity_refuse_logra():
         Projector(ProjectionConfig(kind="logra", dim=8), 100)
     with pytest.raises(ConfigError, match="shapes"):
         ProjectionConfig(kind="logra", dim=8).identity(100)
+
+
+def test_projecting_formed_gradients_equals_the_hooks():
+    # the fidelity probe holds full gradient rows: project_rows must give what the hooks give
+    from qless.project.logra import project_rows
+
+    model = _lora(make_tiny_gpt2(VOCAB), ["c_attn", "c_proj"], torch.float32, lora_bias=True, fan_in_fan_out=True)
+    cfg = ProjectionConfig(kind="logra", dim=5, seed=2)
+    batch = _batch([9, 12, 5])
+    hooked = PerExampleGradients(model, projection=cfg)
+    rows, _ = hooked(batch)
+    plain = PerExampleGradients(model)
+    full, _ = plain(batch)
+    layout = plain.layout()
+    got = project_rows(hooked.logra, full, [r[4] for r in layout], [r[5] for r in layout])
+    _assert_rel(got, rows.double().numpy(), FLOAT32_RTOL)

@@ -286,6 +286,13 @@ class PerExampleGradients:
         self._verify = verify
         self._buffer: torch.Tensor | None = None
 
+    def layout(self) -> list[tuple[str, int, int, bool, int, int]]:
+        """Each LoRA Linear as ``(name, out_features, in_features, has_trainable_bias, weight_offset,
+        bias_offset)``, offsets in the full [B, d] layout (-1: not trainable), in hook order: what
+        :mod:`qless.project.logra` needs to project full gradient rows."""
+        return [(s.name, s.module.out_features, s.module.in_features, s.bias_offset >= 0, s.weight_offset, s.bias_offset)
+                for s in self._slots]
+
     def _init_logra(self, projection: ProjectionConfig) -> None:
         if projection.kind != "logra":
             raise ConfigError(f"PerExampleGradients projects inside its hooks with kind logra only, not {projection.kind!r}; "

@@ -52,8 +52,13 @@ class FidelityConfig(Config):
     seed: int = option(0, "seed of the probe sample and of the bootstrap")
     model_dtypes: tuple[str, ...] = option(("float32", "bfloat16"), "model compute dtypes to measure; float32 is the "
                                            "exact reference and always computed")
-    kinds: tuple[str, ...] = option(("rademacher", "sparse"), "projection kinds: rademacher, gaussian (dense), sparse")
+    kinds: tuple[str, ...] = option(("rademacher", "sparse"), "projection kinds: rademacher, gaussian (dense), sparse, "
+                                    "logra (per-layer factorised; needs pool_gradient sgd)")
     dims: tuple[int, ...] = option((2048, 4096, 8192, 16384, 32768, 65536, 131072), "projected dimensions k")
+    logra_sides: tuple[int, ...] = option((4, 8, 16, 32), "side sizes s of the logra kind (each LoRA factor's long "
+                                          "sides projected to s; k follows from the layers)")
+    pool_gradient: Literal["adam", "sgd"] = option("adam", "pool rows of the exact scores and of every setting: the Adam "
+                                                   "direction (as the run) or the plain gradient (what logra can project)")
     dense_max_dim: int = option(8192, "largest k measured for dense kinds (their cost grows with k; sparse has no limit)")
     projection_seed: int = option(0, "seed of every projection")
     projection_compute_dtype: Literal["float32", "bfloat16"] = option(
@@ -85,8 +90,13 @@ class FidelityConfig(Config):
             if dt not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"fidelity.model_dtypes: {dt!r} is not float32, bfloat16 or float16")
         for kind in self.kinds:
-            if kind not in (*DENSE_KINDS, "sparse"):
-                raise ConfigError(f"fidelity.kinds: {kind!r} is not rademacher, gaussian or sparse")
+            if kind not in (*DENSE_KINDS, "sparse", "logra"):
+                raise ConfigError(f"fidelity.kinds: {kind!r} is not rademacher, gaussian, sparse or logra")
+        if "logra" in self.kinds and self.pool_gradient != "sgd":
+            raise ConfigError("fidelity.kinds: logra cannot project the Adam direction (it never forms the per-example "
+                              "gradient); add --pool-gradient sgd to measure every setting on plain pool gradients")
+        if any(s < 1 for s in self.logra_sides):
+            raise ConfigError(f"fidelity.logra_sides must be positive, got {list(self.logra_sides)}")
         for k in self.dims:
             if k < 8 or k % 8:
                 raise ConfigError(f"fidelity.dims: {k} must be a positive multiple of 8 (1-bit codes pack 8 per byte)")
@@ -138,7 +148,7 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
     from qless.distributed import launch_info
     from qless.fidelity.probe import build_probe, exact_scores, open_probe, probe_sample
     from qless.fidelity.recommend import recommend, write_outputs
-    from qless.fidelity.settings import evaluate_settings, run_entries
+    from qless.fidelity.settings import evaluate_settings, logra_layout, run_entries
     from qless.pipeline import RunConfig, _target_sets
     from qless.stages import load_data
 
@@ -161,7 +171,7 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
     log.info("probe: %d of %d pool examples (stratified by source) and %d target examples", len(sample), len(pool),
              sum(map(len, targets.values())))
     folders = build_probe(out / "probe", run_dir / "warmup", [pool[i] for i in sample], targets, run_cfg, cfg.dtypes,
-                          cfg.chunk_size, progress)
+                          cfg.chunk_size, progress, pool_gradient=cfg.pool_gradient)
     timings["probe"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -185,7 +195,9 @@ def fidelity(run_dir: str | Path, out: str | Path | None = None, cfg: FidelityCo
         results, timings = measured["settings"], measured["seconds"]
     else:
         t = time.perf_counter()
-        results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress)
+        layout = logra_layout(run_cfg, run_dir / "warmup") if "logra" in cfg.kinds else None
+        results = evaluate_settings(folders, list(targets), ref_pool.rows, exact, groups, run_cfg.score, cfg, progress,
+                                    logra=layout)
         timings["settings"] = time.perf_counter() - t
     run_own = run_entries(run_dir, formats, ref_pool.rows, exact, cfg)  # cheap, and the run's stores may have changed
 

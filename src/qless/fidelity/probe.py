@@ -70,17 +70,19 @@ def probe_sample(pool: Sequence[Example], size: int, seed: int) -> list[int]:
 
 
 def build_probe(out: Path, warmup_dir: Path, pool: Sequence[Example], targets: dict[str, Sequence[Example]], run_cfg,
-                dtypes: Sequence[str], chunk_size: int, progress: bool = True) -> dict[str, Path]:
-    """Extract the probe (unprojected fp32 stores) once per model dtype; returns dtype -> folder.
+                dtypes: Sequence[str], chunk_size: int, progress: bool = True, *,
+                pool_gradient: str = "adam") -> dict[str, Path]:
+    """Extract the probe (unprojected fp32 stores) once per model dtype; returns dtype -> folder
+    (``OUT/<dtype>``, or ``OUT/<dtype>-sgd`` for plain pool gradients).
     ``run_cfg`` is the run's :class:`~qless.pipeline.RunConfig` (model, tokenization, batching)."""
     every = read_checkpoints(warmup_dir, finished=True)
     cfg = ExtractConfig(formats=("fp32",), batch_size=run_cfg.extract.batch_size,
                         max_batch_tokens=run_cfg.extract.max_batch_tokens, chunk_size=chunk_size,
-                        buffer_mb=run_cfg.extract.buffer_mb)
+                        buffer_mb=run_cfg.extract.buffer_mb, pool_gradient=pool_gradient)
     sets = {POOL: (list(pool), "pool"), **{name: (list(ex), "target") for name, ex in targets.items()}}
     folders = {}
     for dtype in dtypes:
-        folder = out / dtype
+        folder = out / (dtype if pool_gradient == "adam" else f"{dtype}-{pool_gradient}")
         log.info("probe: exact gradients with the model in %s -> %s", dtype, folder)
         with output_errors(folder):
             extract(sets, every, folder, cfg, ProjectionConfig(kind="none"), replace(run_cfg.model, dtype=dtype),

@@ -15,7 +15,7 @@ from qless.files import atomic_write_json, atomic_write_text, read_json
 log = logging.getLogger(__name__)
 
 RECOMMENDATION = "recommendation.json"
-_COMPUTE_COST = {"sparse": 0, "none": 1, "rademacher": 2, "gaussian": 3}  # per example, at equal bytes
+_COMPUTE_COST = {"sparse": 0, "logra": 0, "none": 1, "rademacher": 2, "gaussian": 3}  # per example, at equal bytes
 
 
 def _worst(entry: dict[str, Any], tasks: Sequence[str], cfg) -> float | None:
@@ -30,15 +30,18 @@ def extraction_bytes(entry: dict[str, Any]) -> int:
     return entry["bytes_per_example"] + (4 * entry["k"] + 4 if entry["scale"] == "global" else 0)
 
 
-def settings_config(entry: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The run-config sections that reproduce a measured setting."""
+def settings_config(entry: dict[str, Any], seed: int, pool_gradient: str = "adam") -> dict[str, Any]:
+    """The run-config sections that reproduce a measured setting (measured on ``pool_gradient`` pool rows)."""
     projection: dict[str, Any] = {"kind": entry["projection"]}
     if entry["projection"] != "none":
-        projection.update(dim=entry["k"], seed=seed)
-    if entry["projection"] in ("rademacher", "gaussian") and entry.get("projection_compute"):
+        projection.update(dim=entry["side"] if entry["projection"] == "logra" else entry["k"], seed=seed)
+    if entry["projection"] in ("rademacher", "gaussian", "logra") and entry.get("projection_compute"):
         projection["compute_dtype"] = entry["projection_compute"]
     formats = [entry["format"]] + (["fp32"] if entry["scale"] == "global" else [])
-    return {"model": {"dtype": entry["model_dtype"]}, "projection": projection, "extract": {"formats": formats},
+    extract: dict[str, Any] = {"formats": formats}
+    if pool_gradient != "adam":
+        extract["pool_gradient"] = pool_gradient
+    return {"model": {"dtype": entry["model_dtype"]}, "projection": projection, "extract": extract,
             "select_format": entry["format"]}
 
 
@@ -55,7 +58,7 @@ def recommend(results: Sequence[dict[str, Any]], cfg, tasks: Sequence[str]) -> d
     entry, worst = min(passing, key=lambda x: (extraction_bytes(x[0]), _COMPUTE_COST.get(x[0]["projection"], 9),
                                                x[0]["model_dtype"] == "float32", -x[1]))
     out = {"met": True, "rule": rule, "setting": _evidence(entry, worst, tasks, cfg),
-           "config": settings_config(entry, cfg.projection_seed)}
+           "config": settings_config(entry, cfg.projection_seed, getattr(cfg, "pool_gradient", "adam"))}
     if entry["projection"] == "none":
         # only unprojected gradients pass: say how close the best projected setting came
         projected = [x for x in scored if x[0]["projection"] != "none" and x[1] is not None]
@@ -84,7 +87,8 @@ def read_recommendation(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no measured setting met {data.get('rule')!r}; relax --threshold or widen the "
                           "settings and run `qless fidelity` again")
     config = data["config"]
-    allowed = {"model": {"dtype"}, "projection": {"kind", "dim", "seed", "nnz", "compute_dtype"}, "extract": {"formats"},
+    allowed = {"model": {"dtype"}, "projection": {"kind", "dim", "seed", "nnz", "compute_dtype"},
+               "extract": {"formats", "pool_gradient"},
                "select_format": None}
     for key, value in config.items():
         if key not in allowed:

@@ -26,6 +26,7 @@ from qless.errors import StoreMismatchError
 from qless.fidelity.metrics import bootstrap, metric_functions, resamples
 from qless.fidelity.probe import ProbeSide, exact_scores, open_probe, rows_as_tensor
 from qless.project import ProjectionConfig, Projector
+from qless.project.logra import LograProjection, project_rows
 from qless.quantize import QuantizerSpec, compute_scale, decode_codes, global_scale, quantize
 from qless.scoring.aggregate import TargetGroups, aggregate, checkpoint_weights
 from qless.scoring.cosine import block_scores, subtask_means
@@ -54,17 +55,54 @@ class Setting:
         return f"{self.model_dtype} {self.projection.kind} k={self.k} {self.format}"
 
     def describe(self) -> dict[str, Any]:
-        return {"model_dtype": self.model_dtype, "projection": self.projection.kind, "k": self.k, "format": self.format,
-                "projection_compute": self.projection.compute_dtype,
-                "method": self.spec.method, "bits": self.spec.bits, "scale": self.spec.scale,
-                "bytes_per_example": self.bytes_per_example}
+        out = {"model_dtype": self.model_dtype, "projection": self.projection.kind, "k": self.k, "format": self.format,
+               "projection_compute": self.projection.compute_dtype,
+               "method": self.spec.method, "bits": self.spec.bits, "scale": self.spec.scale,
+               "bytes_per_example": self.bytes_per_example}
+        if self.projection.kind == "logra":
+            out["side"] = self.projection.dim
+        return out
+
+
+@dataclass(frozen=True)
+class LograLayout:
+    """The LoRA Linears of the run's adapter, as :meth:`PerExampleGradients.layout` gives them."""
+
+    shapes: list[tuple[str, int, int, bool]]
+    weight_offsets: list[int]
+    bias_offsets: list[int]
+    d: int
+
+    def projection(self, cfg: ProjectionConfig) -> LograProjection:
+        return LograProjection(cfg, self.shapes, self.d)
+
+
+def logra_layout(run_cfg, warmup_dir: Path) -> LograLayout:
+    """The run's LoRA layer shapes and offsets, read from its model with the first warmup adapter."""
+    from dataclasses import replace
+
+    from qless.gradients import PerExampleGradients
+    from qless.models import load_adapter, load_model, release_memory
+    from qless.training import read_checkpoints
+
+    base, _, _ = load_model(replace(run_cfg.model, dtype="float32", device="cpu"))
+    grads = PerExampleGradients(load_adapter(base, read_checkpoints(warmup_dir, finished=True)[0].path))
+    rows = grads.layout()
+    out = LograLayout([r[:4] for r in rows], [r[4] for r in rows], [r[5] for r in rows], grads.input_dim)
+    del grads, base
+    release_memory()
+    return out
 
 
 def projections(cfg, d: int) -> list[ProjectionConfig]:
     """The projections of a fidelity config for gradient dimension ``d``: none, then each kind
-    at each k (dense kinds up to ``dense_max_dim``; none of them at k >= d)."""
+    at each k (dense kinds up to ``dense_max_dim``; none of them at k >= d; logra at each side)."""
     out = [ProjectionConfig(kind="none")]
     for kind in cfg.kinds:
+        if kind == "logra":
+            out += [ProjectionConfig(kind="logra", dim=s, seed=cfg.projection_seed,
+                                     compute_dtype=cfg.projection_compute_dtype) for s in sorted(set(cfg.logra_sides))]
+            continue
         for k in sorted(set(cfg.dims)):
             if k >= d or (kind != "sparse" and k > cfg.dense_max_dim):
                 continue
@@ -73,9 +111,17 @@ def projections(cfg, d: int) -> list[ProjectionConfig]:
     return out
 
 
-def project_side(side: ProbeSide, checkpoint: str, projection: ProjectionConfig, memory_mb: int) -> torch.Tensor:
-    """``[rows, k]`` float32 projections of a probe side's full gradients at one checkpoint."""
-    projector = Projector(projection, side.d)
+def project_side(side: ProbeSide, checkpoint: str, projection: ProjectionConfig, memory_mb: int,
+                 logra: LograLayout | None = None) -> torch.Tensor:
+    """``[rows, k]`` float32 projections of a probe side's full gradients at one checkpoint
+    (``logra``: the run's layer layout, needed by that kind)."""
+    if projection.kind == "logra":
+        if logra is None:
+            raise ValueError("projection kind logra needs the run's layer layout")
+        proj = logra.projection(projection)
+        projector = lambda x: project_rows(proj, x, logra.weight_offsets, logra.bias_offsets)
+    else:
+        projector = Projector(projection, side.d)
     block = max(1, memory_mb * 2**20 // (4 * side.d))
     parts = [projector(x) for _, x in rows_as_tensor(side, checkpoint, scaled=True, block_rows=block)]
     return torch.cat(parts)
@@ -121,7 +167,8 @@ def _row_positions(ref_rows: Sequence[dict], rows: Sequence[dict]) -> np.ndarray
 
 
 def evaluate_settings(folders: dict[str, Path], target_names: Sequence[str], ref_rows: Sequence[dict],
-                      exact: dict[str, np.ndarray], groups: TargetGroups, score_cfg, cfg, progress: bool = True) -> list[dict]:
+                      exact: dict[str, np.ndarray], groups: TargetGroups, score_cfg, cfg, progress: bool = True,
+                      logra: LograLayout | None = None) -> list[dict]:
     """Every setting's agreement with ``exact`` (one entry per setting, in table order)."""
     functions = metric_functions(cfg.percents, cfg.ndcg_percent)
     results = []
@@ -144,15 +191,15 @@ def evaluate_settings(folders: dict[str, Path], target_names: Sequence[str], ref
         todo = projections(cfg, pool.d)
         bar = progress_bar(total=len(todo), desc=f"settings ({dtype} model)", unit="projection", enabled=progress)
         for projection in todo:
-            k = projection.out_dim(pool.d)
+            k = logra.projection(projection).out_dim if projection.kind == "logra" else projection.out_dim(pool.d)
             if projection.kind == "none":
                 # the full gradients in float64, streamed (no [rows, d] copy): the model dtype's effect alone
                 approx, _ = exact_scores(pool, targets, rates, score_cfg.weights, score_cfg.aggregation, cfg.memory_mb)
                 results.append(_entry(Setting(dtype, projection, k, "fp32"), exact, approx, keep, pos, functions, draws, cfg))
                 bar.update(1)
                 continue
-            xs = {c: project_side(pool, c, projection, cfg.memory_mb) for c in pool.checkpoints}
-            ts = {c: project_side(targets, c, projection, cfg.memory_mb) for c in targets.checkpoints}
+            xs = {c: project_side(pool, c, projection, cfg.memory_mb, logra) for c in pool.checkpoints}
+            ts = {c: project_side(targets, c, projection, cfg.memory_mb, logra) for c in targets.checkpoints}
             for tag in cfg.formats:
                 setting = Setting(dtype, projection, k, QuantizerSpec.parse(tag).tag)
                 approx = setting_scores(xs, ts, setting.spec, pool_segments, target_segments, groups, weights,
@@ -186,6 +233,8 @@ def run_entries(run_dir: Path, formats: Sequence[str], ref_rows: Sequence[dict],
             continue
         manifest, values, rows = read_scores(folder)
         store = read_manifest(stores[0].parent)
+        if store.get("gradient") != cfg.pool_gradient:
+            continue  # the run's pool rows are another gradient than the exact scores': not comparable
         pos = _row_positions(ref_rows, rows)
         keep = np.nonzero(pos >= 0)[0]
         if not len(keep) or set(manifest["tasks"]) != set(exact):

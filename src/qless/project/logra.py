@@ -133,6 +133,22 @@ class LograProjection:
         return (t.to(operand) @ m).to(dtype)
 
 
+def project_rows(proj: LograProjection, rows: torch.Tensor, weight_offsets: Sequence[int],
+                 bias_offsets: Sequence[int]) -> torch.Tensor:
+    """LoGra rows ``[B, k]`` (float32) of full per-example gradients ``rows [B, d]``: what the hooks
+    compute, from gradients already formed (the fidelity probe holds such rows)."""
+    out = torch.zeros(rows.shape[0], proj.out_dim, dtype=torch.float32, device=rows.device)
+    for f, w0, b0 in zip(proj.factors, weight_offsets, bias_offsets):
+        g = rows[:, w0:w0 + f.out_features * f.in_features].reshape(-1, f.out_features, f.in_features)
+        g = proj.side(f, "in", g)  # [B, out, k_in]
+        g = proj.side(f, "out", g.transpose(1, 2)).transpose(1, 2)  # [B, k_out, k_in]
+        out[:, f.offset:f.offset + f.k_out * f.k_in] = g.reshape(len(rows), -1)
+        if f.bias:
+            start = f.offset + f.k_out * f.k_in
+            out[:, start:start + f.k_out] = proj.side(f, "out", rows[:, b0:b0 + f.out_features])
+    return out
+
+
 def logra_reference(cfg: ProjectionConfig, factors: Sequence[Factor], grads: np.ndarray,
                     weight_offsets: Sequence[int], bias_offsets: Sequence[int]) -> np.ndarray:
     """float64 LoGra rows from full per-example gradients ``grads [B, d]``: for each factor,
