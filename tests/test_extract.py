@@ -19,7 +19,7 @@ from qless.project import ProjectionConfig, project_reference
 from qless.quantize import QuantizerSpec, quantize
 from qless.store import Datastore, ShardWriter
 from qless.training import WarmupConfig, warmup
-from utils import QUANTIZED_RTOL, ROW_REL_TOL, THREADS_REL_TOL, reference_gradients
+from utils import QUANTIZED_RTOL, ROW_REL_TOL, THREADS_REL_TOL, layer_gradients, reference_gradients
 
 PROJ = ProjectionConfig(dim=256, seed=4, chunk_size=300)
 
@@ -86,6 +86,31 @@ def test_stores_equal_float64_reference(setup, tmp_path, proj):
             assert agree > 0.99  # only codes sitting on a rounding boundary may flip
     t = Datastore.open(tmp_path / "sign1" / "qa" / "checkpoint-1")
     assert [r.get("subtask") for r in t.rows()] == ["math", "chat", "chat"]
+
+
+def test_lorif_stores_hold_factors_of_the_projected_layer_gradients(setup, tmp_path):
+    from qless.data import DataConfig
+    from qless.lorif.capture import LayerCapture
+    from qless.project.logra import logra_reference
+
+    root, pool, targets, model_cfg, ckpts = setup
+    proj = ProjectionConfig(kind="lorif", dim=8, rank=64, seed=1)  # c covers every example's token count: exact
+    extract({"pool": (pool, "pool")}, ckpts, tmp_path, _cfg(formats=("fp32",), pool_gradient="sgd"), proj, model_cfg,
+            progress=False)
+    base, tok, _ = load_model(model_cfg)
+    model = load_adapter(base, ckpts[-1].path)
+    cap = LayerCapture(model, proj)
+    store = Datastore.open(tmp_path / "fp32" / "pool" / ckpts[-1].name)
+    assert store.manifest["projection"] == cap.identity() and store.k == cap.layout.width
+    items, _ = tokenize_examples(pool, tok, DataConfig(), progress=False)
+    full = layer_gradients(model, [n for n, _, _, _ in cap.layers], collate(items, tok.pad_token_id))
+    offsets = np.cumsum([0] + [o * i for _, _, o, i in cap.layers])[:-1]
+    want = logra_reference(cap.sides.cfg, cap.sides.factors, full, list(offsets), [-1] * len(cap.layers))
+    scales = np.concatenate([np.array(s) for _, _, s in store.blocks(100)])
+    rows = store.decoded(0, store.n_rows).double() * torch.from_numpy(scales).double()[:, None]
+    got = cap.layout.reconstruct(rows).numpy()
+    err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() < ROW_REL_TOL
 
 
 def test_logra_stores_equal_the_kronecker_projection_of_float64_plain_gradients(setup, tmp_path):

@@ -35,6 +35,9 @@ FLOAT64_RTOL = 1e-10
 FLOAT32_RTOL = 1e-4
 # the same float32 computation in batches of other shapes: only matmul blocking (summation order) changes.
 INVARIANCE_RTOL_FLOAT32 = 1e-5
+# Hidden-state representations (RDS+), float32 forward passes batched with padding against a float64 copy of the model
+# run one example at a time: float32 rounding compounded through the layers and the weighted sum over T, as FLOAT32_RTOL.
+HIDDEN_STATE_RTOL = FLOAT32_RTOL
 # bfloat16 base weights against the float64 loop: bf16 activations keep 8 significant bits (~4e-3) per op.
 BF16_RTOL = 5e-2
 # bitsandbytes base layers in float32 against the same quantized model run one example at a time:
@@ -59,6 +62,9 @@ GGUF_LOGIT_ATOL = 1e-4
 # Scores: float32 decode and matmul against float64; sums of cosines (|s| <= 1) over k <= 8192
 # float32 products, rounding ~ sqrt(k) * 2^-24 ~ 1e-6: 1e-5 absolute is ample.
 SCORE_ATOL = 1e-5
+# Packed int8 scoring against float64: only the query's three int8 digits round (codes, products and norms are exact
+# integers), which moves a score by at most sqrt(k) max|q| / (2 * 127 * 254^2) <= 5.5e-6 for k <= 8192 and |q| <= 1.
+PACKED_SCORE_ATOL = 6e-6
 # Exact scores (float32 model, float64 cosines of full gradients) against a float64 model run one example at a
 # time: each gradient row is within FLOAT32_RTOL relative of the reference, and the cosine of two rows moves by at
 # most about twice the sum of their relative errors; learning-rate weights sum to 1 and means and maxima do not grow it.
@@ -355,3 +361,28 @@ def reference_gradients(model, tokenizer, examples, checkpoint, kind: str, data_
         v = torch.cat([mom[n][1].reshape(-1) for n in names]).double()
         g = adam_direction(g, m, v)
     return g.numpy()
+
+
+def layer_gradients(model, names: list[str], batch) -> np.ndarray:
+    """float64 per-example gradients of the captured layers' weights (the base weight of a LoRA
+    layer), one unpadded example at a time: ``[B, sum out * in]`` in layer order."""
+    import copy
+
+    from qless.gradients import _mean_label_losses
+
+    ref = copy.deepcopy(model).double().eval()
+    modules = dict(ref.named_modules())
+    weights = []
+    for n in names:
+        m = modules[n]
+        w = m.get_base_layer().weight if hasattr(m, "get_base_layer") else m.weight
+        w.requires_grad_(True)
+        weights.append(w)
+    rows = []
+    for b in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][b].sum())
+        logits = ref(input_ids=batch["input_ids"][b:b + 1, :n], use_cache=False).logits
+        loss = _mean_label_losses(logits, batch["labels"][b:b + 1, :n])[0]
+        grads = torch.autograd.grad(loss, weights)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows).numpy()

@@ -35,6 +35,7 @@ from qless.data import DataConfig, Example, Tokenized, collate, examples_digest,
 from qless.errors import ConfigError, DataError, ModelError, StoreMismatchError
 from qless.files import safe_name
 from qless.gradients import PerExampleGradients, adam_direction
+from qless.lorif.capture import LayerCapture
 from qless.models import ModelConfig, adapter_identity, load_adapter, load_model, release_memory, set_adapter_weights
 from qless.project import ProjectionConfig, Projector
 from qless.quantize import QuantizerSpec, quantize
@@ -116,9 +117,9 @@ def _micro_batches(items: Sequence[Tokenized], cfg: ExtractConfig) -> list[list[
 
 def check_projection(projection: ProjectionConfig, cfg: ExtractConfig) -> None:
     """Refuse a projection the pool's preconditioning does not commute with, before any work."""
-    if projection.kind == "logra" and cfg.pool_gradient == "adam":
+    if projection.kind in ("logra", "lorif") and cfg.pool_gradient == "adam":
         raise ConfigError(
-            "projection.kind logra projects each LoRA layer's input and output separately and never forms the "
+            f"projection.kind {projection.kind} projects each layer's input and output separately and never forms the "
             "per-example gradient, so the Adam direction (elementwise on the whole gradient) cannot be taken: set "
             "extract.pool_gradient=sgd (plain gradients for the pool), or use a rademacher, gaussian or sparse projection")
 
@@ -142,13 +143,17 @@ class Extractor:
         self.cfg, self.projection, self.data_cfg, self.progress = cfg, projection, data_cfg, progress
         base, self.tokenizer, self.model_identity = load_model(model_cfg)
         self.model = load_adapter(base, self.checkpoints[0].path)
-        # LoGra projects inside the gradient hooks: the rows come out k wide, with nothing left to project
-        self.grads = PerExampleGradients(self.model, projection=projection if projection.kind == "logra" else None)
+        # LoGra and LoRIF project inside the gradient hooks: the rows come out k wide, with nothing left to project
+        self.grads: PerExampleGradients | LayerCapture
+        if projection.kind == "lorif":
+            self.grads = LayerCapture(self.model, projection)
+        else:
+            self.grads = PerExampleGradients(self.model, projection=projection if projection.kind == "logra" else None)
         self.adapter_identity = {k: v for k, v in adapter_identity(self.model).items() if k != "parameters"}
         self.device = self.grads.device
-        if self.grads.logra is not None:
+        if projection.kind in ("logra", "lorif"):
             self.projector, self.out_dim = None, self.grads.dim
-            self.projection_identity = self.grads.logra.identity()
+            self.projection_identity = self.grads.identity() if projection.kind == "lorif" else self.grads.logra.identity()
         else:
             self.projector = Projector(projection, self.grads.dim, self.device)
             self.out_dim = self.projector.out_dim

@@ -29,11 +29,14 @@ import copy
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from qless.errors import ConfigError, ModelError
 from qless.project import ProjectionConfig
@@ -55,6 +58,14 @@ VERIFY_RTOL_LOW_PRECISION = 5e-2
 to 8 (bf16) or 11 (fp16) significant bits."""
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class Observer(Protocol):
+    """Something that hooks the model for one :class:`PerExampleGradients` call."""
+
+    def install(self, bsz: int) -> list[RemovableHandle]:
+        """Register this call's hooks (batch size ``bsz``); they are removed when the call ends."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +254,13 @@ class PerExampleGradients:
             a mismatch means the adapter uses its weights outside the hooked Linears.
     """
 
-    def __init__(self, model: nn.Module, verify: bool = True, projection: ProjectionConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, verify: bool = True, projection: ProjectionConfig | None = None,
+                 observers: Sequence[Observer] = (), lora_rows: bool = True) -> None:
         self.model = model
+        self.observers = list(observers)
+        """Extra hooks installed for each call (e.g. LoRIF's per-layer capture, :mod:`qless.lorif.capture`)."""
+        self.lora_rows = lora_rows
+        """False: compute no LoRA rows (the call returns ``[B, 0]``), only drive the observers."""
         self.params = lora_parameters(model)
         owners = _lora_linears(model)
         offsets: dict[int, int] = {}
@@ -349,8 +365,11 @@ class PerExampleGradients:
         bsz = ids.shape[0]
         in_device = self.model.get_input_embeddings().weight.device
         ids, mask, labels = ids.to(in_device), mask.to(in_device), labels.to(in_device)
-        self._buffer = torch.zeros(bsz, self.dim, dtype=self.dtype, device=self.device)
-        handles = [s.module.register_forward_hook(functools.partial(self._forward_hook, s, bsz)) for s in self._slots]
+        self._buffer = torch.zeros(bsz, self.dim if self.lora_rows else 0, dtype=self.dtype, device=self.device)
+        handles = [s.module.register_forward_hook(functools.partial(self._forward_hook, s, bsz))
+                   for s in (self._slots if self.lora_rows else [])]
+        for obs in self.observers:
+            handles += obs.install(bsz)
         head = _frozen_output_head(self.model)
         if head is not None:
             # Project only the N label positions to the vocabulary: [N, V] logits instead of [B, T, V].
@@ -368,7 +387,7 @@ class PerExampleGradients:
                     )
                 batch_grads = torch.autograd.grad(total, [p for _, p in self.params], allow_unused=True)
             grads = self._buffer
-            if self._verify:
+            if self._verify and self.lora_rows:
                 self._check_sum(grads, batch_grads)
                 self._verify = False
         finally:

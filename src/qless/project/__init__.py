@@ -12,6 +12,8 @@ operand dtype); :func:`make_projector` builds the projector. Kinds:
   ``k = 131072`` affordable. Inner products keep the dense sign projection's variance
   ``(||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / k``.
 * ``none``: no projection (``k = d``): the exact gradients, for fidelity probes and small models.
+* ``lorif``: LoRIF's rows (:mod:`qless.lorif`): rank-``rank`` factors of each whole layer's
+  two-sided projected gradient; a store of its own method, scored by LoRIF's scorer only.
 * ``logra``: a factorised per-layer projection (:mod:`qless.project.logra`): each LoRA factor's
   input and output side is projected to ``dim`` coordinates inside the gradient hooks, so the
   per-example gradient is never formed; k is the sum of the factors' ``[k_out, k_in]`` blocks.
@@ -32,7 +34,7 @@ from qless.errors import ConfigError
 from qless.project.reference import dense_reference, project_reference
 from qless.project.seeded import KIND_TAG, Projector, matrix_rows, seed_key
 
-ProjectionKind = Literal["rademacher", "gaussian", "sparse", "none", "logra"]
+ProjectionKind = Literal["rademacher", "gaussian", "sparse", "none", "logra", "lorif"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,15 @@ class ProjectionConfig(Config):
     section = "projection"
 
     kind: ProjectionKind = option("rademacher", "rademacher (dense +-1), gaussian (dense), sparse (sparse JL / CountSketch: "
-                                  "cost independent of k), none (no projection, k = d) or logra (factorised per layer; "
-                                  "plain gradients only)")
+                                  "cost independent of k), none (no projection, k = d), logra (factorised per LoRA factor; "
+                                  "plain gradients only) or lorif (rank-c factors of whole layers' projected gradients, "
+                                  "scored by `qless score --method lorif`)")
     dim: int = option(8192, "projected dimension k (ignored by kind none, whose k is the gradient dimension d; for "
                       "logra the size s each side of each LoRA factor is projected to, k = sum of min(out, s) * min(in, s))")
     nnz: int = option(1, "sparse kind: non-zeros per input coordinate (1 = CountSketch); must divide dim")
+    rank: int = option(4, "lorif: rank c of each layer's stored factors (c * (k_out + k_in) numbers per layer)")
+    layers: Literal["lora", "all"] = option("lora", "lorif: layers whose gradients are factored: the LoRA-adapted ones, "
+                                            "or every linear layer but the output head")
     seed: int = option(0, "seed of the projection matrix (the same seed gives the same matrix everywhere)")
     chunk_size: int = option(512, "rows of R generated at a time (memory and speed only; never changes R)")
     compute_dtype: Literal["float32", "bfloat16"] = option(
@@ -57,8 +63,10 @@ class ProjectionConfig(Config):
     )
 
     def validate(self) -> None:
-        if self.kind not in (*KIND_TAG, "none"):
-            raise ConfigError(f"projection.kind: {self.kind!r} is not one of {', '.join(KIND_TAG)}, none")
+        if self.kind not in (*KIND_TAG, "none", "lorif"):
+            raise ConfigError(f"projection.kind: {self.kind!r} is not one of {', '.join(KIND_TAG)}, none, lorif")
+        if self.rank < 1:
+            raise ConfigError(f"projection.rank must be a positive integer, got {self.rank}")
         if self.dim < 1:
             raise ConfigError(f"projection.dim must be a positive integer, got {self.dim}")
         if self.kind == "gaussian" and self.dim % 2:
@@ -74,9 +82,9 @@ class ProjectionConfig(Config):
 
     def out_dim(self, input_dim: int) -> int:
         """k for ``input_dim``-dimensional inputs (``input_dim`` itself for kind none)."""
-        if self.kind == "logra":
-            raise ConfigError("a logra projection's k depends on the LoRA layers' shapes, not on d alone: "
-                              "see qless.project.logra.LograProjection.out_dim")
+        if self.kind in ("logra", "lorif"):
+            raise ConfigError(f"a {self.kind} projection's k depends on the layers' shapes, not on d alone: "
+                              "see qless.project.logra.LograProjection and qless.lorif.capture.LayerCapture")
         return int(input_dim) if self.kind == "none" else self.dim
 
     def identity(self, input_dim: int) -> dict:

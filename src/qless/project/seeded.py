@@ -163,8 +163,8 @@ class Projector:
     def __init__(self, cfg: ProjectionConfig, input_dim: int, device: torch.device | str = "cpu") -> None:
         if input_dim < 1:
             raise ConfigError(f"projection input dimension must be positive, got {input_dim}")
-        if cfg.kind == "logra":
-            raise ConfigError("projection kind logra projects each layer's two sides inside the gradient hooks "
+        if cfg.kind in ("logra", "lorif"):
+            raise ConfigError(f"projection kind {cfg.kind} projects each layer's two sides inside the gradient hooks "
                               "(qless.project.logra.LograProjection), not whole rows")
         self.cfg = cfg
         self.input_dim = int(input_dim)
