@@ -2,15 +2,17 @@
 
 ``pool`` and ``targets`` hold one store per checkpoint, matched by checkpoint name. The
 target side is reduced to one mean vector per subtask and checkpoint; the pool is streamed in
-blocks straight from the packed store: decode a block, one matmul per checkpoint, memory
-bounded by the block size whatever the pool size.
+blocks straight from the packed store, memory bounded by the block size whatever the pool
+size. A format with a packed kernel (:data:`qless.scoring.packed.PACKED_KERNELS`: sign1 and
+absmax/absmean at 2, 4, 8 bits) is scored from its bytes by int8 matmuls on CPU; the others
+(fp16, fp32, and any format on CUDA) are decoded to float32 and multiplied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +25,7 @@ from qless.errors import ConfigError, StoreError, StoreMismatchError
 from qless.quantize import decode_codes
 from qless.scoring.aggregate import TargetGroups, aggregate, checkpoint_weights, target_groups
 from qless.scoring.cosine import block_scores, subtask_means
+from qless.scoring.packed import PACKED_KERNELS, PackedKernel
 from qless.store import SCORE_FIELDS, Datastore, require_same
 
 log = logging.getLogger(__name__)
@@ -141,12 +144,28 @@ def subtask_vectors(store: Datastore, groups: TargetGroups, block_rows: int = 40
     return (sums / torch.from_numpy(counts).to(torch.float64)[:, None]).T.contiguous()
 
 
+def block_scorer(store: Datastore, subtasks: torch.Tensor, device: torch.device,
+                 kernels: Mapping[str, PackedKernel] = PACKED_KERNELS) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The scorer of one checkpoint's pool blocks against ``subtasks [k, S]`` (float64, weighted):
+    packed codes ``[m, row_bytes]`` -> (scores ``[m, S]``, zero rows ``[m]``). The packed kernel of
+    the store's format when there is one (CPU only), its query built once here; else decode to
+    float32 and multiply (:func:`block_scores`)."""
+    kernel = kernels.get(store.spec.impl.tag(store.spec.bits))
+    if kernel is not None and device.type == "cpu" and store.k <= kernel.max_dim:
+        query = kernel.prepare(subtasks)
+        return lambda codes: kernel.scores(codes, query)
+    m = subtasks.to(device=device, dtype=torch.float32)
+    return lambda codes: block_scores(decode_codes(codes.to(device), store.spec, store.k), m)
+
+
 def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig = ScoreConfig(),
-          out: np.ndarray | None = None, progress: bool = True) -> Scores:
+          out: np.ndarray | None = None, progress: bool = True,
+          kernels: Mapping[str, PackedKernel] = PACKED_KERNELS) -> Scores:
     """Score every pool row against every target subtask (see the module docstring).
 
     The pool stores' rows are reported in the first pool store's order. ``out`` may be a
-    preallocated (e.g. memory-mapped) ``[n_pool, S]`` float32 array."""
+    preallocated (e.g. memory-mapped) ``[n_pool, S]`` float32 array. ``kernels`` maps formats to
+    packed kernels; ``{}`` decodes every format to float32 (the slower path, for comparison)."""
     pairs = pair_checkpoints(pool, targets)
     pool_stores = [p for p, _ in pairs]
     target_stores = [t for _, t in pairs]
@@ -165,10 +184,9 @@ def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreCon
     total = sum(p.n_rows for p in pool_stores)
     bar = progress_bar(total=total, desc="scoring", unit="row", enabled=progress)
     for (p, t), w, rowmap in zip(pairs, weights, maps):
-        m = (subtask_vectors(t, groups) * w).to(device=device, dtype=torch.float32)
+        scorer = block_scorer(p, subtask_vectors(t, groups) * w, device, kernels)
         for first, codes, _ in p.blocks(cfg.block_rows):
-            x = decode_codes(torch.from_numpy(np.array(codes)).to(device), p.spec, p.k)
-            contrib_t, zero = block_scores(x, m)
+            contrib_t, zero = scorer(torch.from_numpy(np.array(codes)))
             zero_rows += int(zero.sum())
             contrib = contrib_t.cpu().numpy()
             if rowmap is None:
