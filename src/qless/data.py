@@ -128,24 +128,31 @@ def load_examples(
             if error is not None:
                 raise _BadRecord(error)
             example = _to_example(raw, origin, default_source)
-            example, was_renamed = _claim_id(example, taken)
+            claimed, was_renamed = _claim_id(example, taken)
         except _BadRecord as exc:
             if cfg.on_bad_record == "error":
                 raise DataError(f"{origin}: {exc}") from None
             logger.warning("skipping bad record %s: %s", origin, exc)
             bad += 1
             continue
+        if was_renamed:
+            logger.info("%s: same messages as %s; id %s", origin, taken[(example.source, example.id)], claimed.id)
         renamed += was_renamed
-        examples.append(example)
+        examples.append(claimed)
+    check_counts(where, total, bad, len(examples), renamed)
+    return examples
+
+
+def check_counts(where: str, total: int, bad: int, kept: int, renamed: int) -> None:
+    """The file-level verdict on a loaded file: DataError when nothing is left, else the summary lines."""
     if total == 0:
         raise DataError(f"{where}: no records found; give a file or dataset with at least one record")
     if bad:
         logger.warning("%s: skipped %d of %d records as malformed (on_bad_record='skip')", where, bad, total)
-    if not examples:
+    if not kept:
         raise DataError(f"{where}: none of the {total} records is valid (each reason is in the log); fix the data")
     if renamed:
         logger.info("%s: %d records repeat an earlier record's messages; their ids got a #n suffix", where, renamed)
-    return examples
 
 
 _Row = tuple[str, Any, "str | None"]  # origin, raw record, parse error
@@ -153,44 +160,69 @@ _Row = tuple[str, Any, "str | None"]  # origin, raw record, parse error
 
 def _open(spec: str | Path, split: str) -> tuple[Iterator[_Row], str, str]:
     """Rows of ``spec``, a name for it in messages, and its default source name."""
+    kind, found, where, default_source = resolve_spec(spec, split)
+    if kind == "jsonl":
+        return _read_jsonl(found), where, default_source
+    if kind == "json":
+        return _read_json(found), where, default_source
+    return _read_dataset(found, where), where, default_source
+
+
+def resolve_spec(spec: str | Path, split: str) -> tuple[Literal["jsonl", "json", "dataset"], Any, str, str]:
+    """What ``spec`` names: ``(kind, path or loaded dataset, name in messages, default source name)``."""
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix == ".jsonl":
-            return _read_jsonl(path), str(path), path.stem
-        if path.suffix == ".json":
-            return _read_json(path), str(path), path.stem
+        if path.suffix in (".jsonl", ".json"):
+            return ("jsonl" if path.suffix == ".jsonl" else "json"), path, str(path), path.stem
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; give a .jsonl or .json file")
     if path.is_dir():
-        return _read_dataset(_load_from_disk(path, split), str(path)), str(path), path.name
+        return "dataset", _load_from_disk(path, split), str(path), path.name
     text = str(spec)
     hub_like = re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", text) and path.suffix not in (".json", ".jsonl")
     if isinstance(spec, Path) or not hub_like:
         raise DataError(f"{text}: no such file or folder; give a .jsonl/.json file, a save_to_disk folder or a Hub id")
-    return _read_dataset(_load_hub(text, split), f"{text}[{split}]"), f"{text}[{split}]", text
+    return "dataset", _load_hub(text, split), f"{text}[{split}]", text
 
 
 def _read_jsonl(path: Path) -> Iterator[_Row]:
     """Stream the records of a JSON Lines file; a line that is not valid UTF-8 JSON is a bad record
     (each line is decoded on its own, so an error names the line that holds it)."""
+    for _, lineno, record, error in jsonl_lines(path):
+        yield f"{path}:{lineno}", record, error
+
+
+def jsonl_lines(path: Path, digest: Any = None) -> Iterator[tuple[int, int, Any, str | None]]:
+    """``(byte offset, line number, record, parse error)`` of each non-blank line of a JSON Lines
+    file; ``digest`` (a hashlib object), when given, is fed every byte of the file."""
     try:
         with path.open("rb") as lines:
+            offset = 0
             for lineno, raw in enumerate(lines, start=1):
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # a UTF-8 byte-order mark
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    yield f"{path}:{lineno}", None, f"not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8"
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record, error = json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    record, error = None, f"invalid JSON ({exc}); each line of a .jsonl file must be one JSON object"
-                yield f"{path}:{lineno}", record, error
+                start, offset = offset, offset + len(raw)
+                if digest is not None:
+                    digest.update(raw)
+                parsed = parse_jsonl_line(raw, lineno)
+                if parsed is not None:
+                    yield start, lineno, parsed[0], parsed[1]
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def parse_jsonl_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:
+    """``(record, None)`` of one line of a JSON Lines file, ``(None, error)`` when it is not UTF-8
+    JSON, ``None`` when it is blank."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8"
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc}); each line of a .jsonl file must be one JSON object"
 
 
 def _read_json(path: Path) -> Iterator[_Row]:
@@ -326,7 +358,8 @@ def _optional_str(raw: dict[str, Any], key: str) -> str | None:
 
 
 def _claim_id(example: Example, taken: dict[tuple[str, str], str]) -> tuple[Example, bool]:
-    """Register ``example``'s id within its source; a repeated content hash gets a ``#n`` suffix."""
+    """Register ``example``'s id within its source; a repeated content hash gets a ``#n`` suffix
+    (the first free ``n`` from 2). ``taken`` maps each id claimed so far to its origin."""
     key = (example.source, example.id)
     if key not in taken:
         taken[key] = example.origin
@@ -340,7 +373,6 @@ def _claim_id(example: Example, taken: dict[tuple[str, str], str]) -> tuple[Exam
     while (example.source, f"{example.id}#{n}") in taken:
         n += 1
     new_id = f"{example.id}#{n}"
-    logger.info("%s: same messages as %s; id %s", example.origin, taken[key], new_id)
     taken[(example.source, new_id)] = example.origin
     return Example(example.source, new_id, example.messages, example.subtask, example.record, example.origin), True
 
