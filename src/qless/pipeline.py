@@ -4,6 +4,7 @@
 under one run folder::
 
     RUN/config.json                 the resolved configuration of the latest run
+    RUN/index/                      offset indexes of the data files (qless.pool_index), reused
     RUN/warmup/                     LoRA checkpoints with Adam moments (qless.training)
     RUN/grads/<format>/<set>/<ckpt> gradient datastores (qless.extraction)
     RUN/scores/<format>/            per-task influence scores, one folder per store format
@@ -48,7 +49,7 @@ from qless.project import ProjectionConfig
 from qless.quantize import QuantizerSpec
 from qless.scoring import ScoreConfig
 from qless.selection import SelectConfig
-from qless.stages import load_data, run_extract, run_warmup, select_into
+from qless.stages import load_data, pool_records, run_extract, run_warmup, score_into, select_into
 from qless.training import WarmupConfig
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, source_groups: Mapping[s
     timings: dict[str, float] = {}
     t = time.perf_counter()
     target_specs = _target_sets(cfg)
-    pool = load_data(cfg.pool, cfg.data)
-    targets = {name: load_data([spec], cfg.target_data) for name, spec in target_specs.items()}
+    pool = load_data(cfg.pool, cfg.data, index_dir=run_dir / "index")  # lazy: records read when used
+    targets = {name: load_data([spec], cfg.target_data, index_dir=run_dir / "index") for name, spec in target_specs.items()}
     log.info("pool: %d examples; targets: %s", len(pool), {k: len(v) for k, v in targets.items()})
     run_warmup(pool, run_dir / "warmup", cfg.warmup, cfg.model, cfg.adapter, cfg.data, progress=progress)
     release_memory()  # the warmup's model is gone; hand its memory back before extraction loads its own
@@ -183,7 +184,7 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, source_groups: Mapping[s
 
 def _scores(grads: Path, tag: str, targets: list[str], out: Path, cfg: ScoreConfig, progress: bool) -> Path:
     """The scores folder of one format: reused when computed from the same stores and settings."""
-    from qless.scoring import read_scores, score, scores_inputs, write_scores
+    from qless.scoring import read_scores, scores_inputs
     from qless.store import open_by_checkpoint
 
     pool_stores = open_by_checkpoint([grads / tag / "pool"])
@@ -193,9 +194,7 @@ def _scores(grads: Path, tag: str, targets: list[str], out: Path, cfg: ScoreConf
         if read_scores(out)[0].get("inputs") == inputs:
             return out
         log.info("%s: the stores or settings changed since these scores were computed; computing them again", out)
-    write_scores(out, score(pool_stores, target_stores, cfg, progress=progress), pool_stores, target_stores, cfg,
-                 replace=True)
-    return out
+    return score_into(out, pool_stores, target_stores, cfg, replace=True, progress=progress)
 
 
 def _selections(out: Path, scores_dir: Path, primary: str, cfg: SelectConfig, pool: Sequence[Example]) -> dict[str, Any]:
@@ -211,7 +210,7 @@ def _selections(out: Path, scores_dir: Path, primary: str, cfg: SelectConfig, po
         except (OSError, ValueError):
             pass  # unreadable: rebuilt below
         log.info("%s: the scores or selection settings changed; selecting again", out)
-    records = {(e.source, e.id): e.record for e in pool}
+    records = pool_records(pool)  # looked up one record at a time, not a dict of the pool
     with atomic_folder(out, replace=True, what="the selections") as tmp:
         tasks = select_into(tmp, scores_dir, cfg, records=records, info={"format": primary})
         if "random" in tasks:
@@ -265,7 +264,7 @@ def run_report(run_dir: str | Path) -> Path:
 
 
 def _summary(run_dir: Path, grads: Path, scores_dirs: dict[str, Path], selected: Mapping[str, Any], report_dir: Path,
-             timings: dict[str, float], n_pool: int, targets: Mapping[str, list[Example]], cfg: SelectConfig) -> dict[str, Any]:
+             timings: dict[str, float], n_pool: int, targets: Mapping[str, Sequence[Example]], cfg: SelectConfig) -> dict[str, Any]:
     sizes = {}
     for tag in scores_dirs:
         total = sum(p.stat().st_size for p in (grads / tag).rglob("*") if p.is_file() and p.name in ("codes.bin", "scales.bin"))

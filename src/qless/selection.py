@@ -18,6 +18,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,15 +65,26 @@ def rank(scores: np.ndarray) -> np.ndarray:
 
 
 def choose(scores: np.ndarray, cfg: SelectConfig) -> np.ndarray:
-    """Indices of the selected rows, in rank order (random baseline: in draw order)."""
-    ranked = rank(scores)
-    if len(ranked) == 0:
+    """Indices of the selected rows, in rank order (random baseline: in draw order).
+
+    The same rows as ``rank(scores)[:n]``, found without sorting the whole pool: the n-th
+    largest score by a partition, then only the rows at or above it are sorted."""
+    scores = np.asarray(scores)
+    scored = ~np.isnan(scores)
+    n_scored = int(np.count_nonzero(scored))
+    if n_scored == 0:
         raise DataError("no pool row has a score; nothing can be selected")
-    n = cfg.count(len(ranked))
-    if cfg.method == "top":
-        return ranked[:n]
-    rng = np.random.default_rng(cfg.seed)
-    return np.sort(ranked)[rng.permutation(len(ranked))[:n]]
+    n = cfg.count(n_scored)
+    if cfg.method == "random":
+        rng = np.random.default_rng(cfg.seed)
+        return np.flatnonzero(scored)[rng.permutation(n_scored)[:n]]
+    valid = scores[scored]
+    edge = np.partition(valid, n_scored - n)[n_scored - n]  # the n-th largest score
+    del valid
+    above = np.flatnonzero(scores > edge)  # NaN compares false
+    at_edge = np.flatnonzero(scores == edge)[: n - len(above)]  # ties: the lowest rows
+    top = np.sort(np.concatenate([above, at_edge]))
+    return top[np.argsort(-scores[top].astype(np.float64), kind="stable")]
 
 
 def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray, rows: Sequence[Mapping[str, Any]],
@@ -95,43 +107,53 @@ def write_selection(out_dir: str | Path, picked: np.ndarray, scores: np.ndarray,
 def write_selection_files(folder: Path, picked: np.ndarray, scores: np.ndarray, rows: Sequence[Mapping[str, Any]],
                           cfg: SelectConfig, *, records: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                           info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The files of :func:`write_selection` written into ``folder`` (created; the caller makes it atomic).
+    """The files of :func:`write_selection` written into ``folder`` (created; the caller makes it
+    atomic: a selected row missing from ``records`` raises DataError after part is written).
 
     A random baseline's ranking carries no score (``null``): it was not chosen by any task's."""
-    keys = [(str(rows[i]["source"]), str(rows[i]["id"])) for i in picked]
-    if records is not None:
-        missing = [k for k in keys if k not in records]
-        if missing:
-            raise DataError(
-                f"{len(missing)} selected rows are not in the given pool data (first: source {missing[0][0]!r}, "
-                f"id {missing[0][1]!r}); pass the same pool files the gradients were extracted from"
-            )
     pool_counts = Counter(str(r["source"]) for r in rows)
-    sel_counts = Counter(k[0] for k in keys)
-    counts = {
-        src: {"selected": sel_counts.get(src, 0), "pool": pool_counts[src],
-              "share_of_selection": sel_counts.get(src, 0) / len(keys), "share_of_pool": pool_counts[src] / len(rows)}
-        for src in sorted(pool_counts)
-    }
+    sel_counts: Counter[str] = Counter()
     scored = cfg.method == "top"
     summary = {
         "format": "qless-selection",
         "created_with": f"qless {__version__}",
         "config": to_dict(cfg),
         "n_pool": len(rows),
-        "n_selected": len(keys),
+        "n_selected": len(picked),
         "min_selected_score": float(np.min(scores[picked])) if scored and len(picked) else None,
         **dict(info or {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "ranking.jsonl", "w") as f:
-        for r, (i, (src, ex_id)) in enumerate(zip(picked, keys), start=1):
+    # one picked row at a time: its table entry, and its pool record read through ``records``
+    # (a lazy PoolRecords reads just that record), so memory does not grow with the pool
+    missing, first_missing = 0, None
+    with open(folder / "ranking.jsonl", "w") as f, \
+            (open(folder / "selected.jsonl", "w") if records is not None else nullcontext()) as out:
+        for r, i in enumerate(np.asarray(picked).tolist(), start=1):
+            row = rows[i]
+            src, ex_id = str(row["source"]), str(row["id"])
+            sel_counts[src] += 1
             score = float(scores[i]) if scored else None
             f.write(json.dumps({"rank": r, "source": src, "id": ex_id, "score": score, "row": int(i)}) + "\n")
-    if records is not None:
-        with open(folder / "selected.jsonl", "w") as f:
-            for k in keys:
-                f.write(json.dumps(dict(records[k]), ensure_ascii=False) + "\n")
+            if records is None:
+                continue
+            record = records.get((src, ex_id))
+            if record is None:
+                missing += 1
+                first_missing = first_missing or (src, ex_id)
+                continue
+            out.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+    if missing:
+        assert first_missing is not None
+        raise DataError(
+            f"{missing} selected rows are not in the given pool data (first: source {first_missing[0]!r}, "
+            f"id {first_missing[1]!r}); pass the same pool files the gradients were extracted from"
+        )
+    counts = {
+        src: {"selected": sel_counts.get(src, 0), "pool": pool_counts[src],
+              "share_of_selection": sel_counts.get(src, 0) / len(picked), "share_of_pool": pool_counts[src] / len(rows)}
+        for src in sorted(pool_counts)
+    }
     (folder / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
     (folder / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

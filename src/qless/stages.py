@@ -15,6 +15,7 @@ writes its output folder and returns what it wrote. The library functions undern
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,16 +24,17 @@ from typing import Any, Literal
 import numpy as np
 
 from qless.config import from_dict
-from qless.data import DataConfig, Example, load_examples
+from qless.data import DataConfig, Example
 from qless.distributed import all_succeeded, device_for, launch_info, process_group, shard_config
 from qless.errors import ConfigError, DataError, ModelError
 from qless.extraction import ExtractConfig, extract, finish_stores
 from qless.files import atomic_folder, output_errors, safe_name
 from qless.models import AdapterConfig, ModelConfig
+from qless.pool_index import PoolExamples, PoolRecords, open_examples
 from qless.project import ProjectionConfig
-from qless.scoring import ScoreConfig, read_scores, score, write_scores
+from qless.scoring import ScoreConfig, read_scores, score, target_groups, write_scores
 from qless.selection import SelectConfig, choose, write_selection_files
-from qless.store import open_by_checkpoint
+from qless.store import Datastore, open_by_checkpoint
 from qless.training import Checkpoint, TrainConfig, WarmupConfig, read_checkpoints, read_warmup, train, warmup
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,27 @@ DataSpec = str | Path
 SetSpec = tuple[Sequence[DataSpec] | Sequence[Example], Literal["pool", "target"]]
 
 
-def load_data(specs: Sequence[DataSpec] | Sequence[Example], cfg: DataConfig = DataConfig()) -> list[Example]:
-    """Examples of every data file, folder or Hub id in ``specs``, in order (Examples pass through)."""
-    out: list[Example] = []
+def load_data(specs: Sequence[DataSpec] | Sequence[Example], cfg: DataConfig = DataConfig(), *,
+              index_dir: str | Path | None = None) -> Sequence[Example]:
+    """Examples of every data file, folder or Hub id in ``specs``, in order (Examples pass through).
+
+    Files and datasets are read lazily (:func:`qless.pool_index.open_examples`: an offset index,
+    records parsed when used), so a pool need not fit in memory; ``index_dir`` keeps the indexes
+    for the next run. A lazy sequence passes through as it is."""
+    if isinstance(specs, PoolExamples):
+        return specs
+    specs = list(specs)
+    if all(isinstance(spec, Example) for spec in specs):
+        return specs
+    parts: list[Any] = []
     for spec in specs:
-        out += [spec] if isinstance(spec, Example) else load_examples(spec, cfg=cfg)
-    return out
+        if isinstance(spec, Example):
+            if not parts or not isinstance(parts[-1], list):
+                parts.append([])
+            parts[-1].append(spec)
+        else:
+            parts += open_examples(spec, cfg=cfg, index_dir=index_dir).parts
+    return PoolExamples(parts)
 
 
 def run_warmup(pool: Sequence[DataSpec] | Sequence[Example], out: str | Path, cfg: WarmupConfig = WarmupConfig(),
@@ -112,24 +129,48 @@ def run_score(pool: Sequence[str | Path], targets: Sequence[str | Path], out: st
     target_stores = open_by_checkpoint(targets)
     if Path(out).exists():
         raise ConfigError(f"{out}: already exists; choose a new output folder for the scores")
-    result = score(pool_stores, target_stores, cfg, progress=progress)
     with output_errors(out):
-        path = write_scores(out, result, pool_stores, target_stores, cfg)
+        path = score_into(out, pool_stores, target_stores, cfg, progress=progress)
     manifest, _, _ = read_scores(path)
     return {**manifest, "path": str(path)}
 
 
-def pool_records(pool_data: Sequence[DataSpec] | Sequence[Example]) -> dict[tuple[str, str], Mapping[str, Any]]:
-    """``(source, id) -> the pool record as read``, to write selections in the pool's own format."""
-    return {(ex.source, ex.id): ex.record for ex in load_data(pool_data, DataConfig(on_bad_record="skip"))}
+def score_into(out: str | Path, pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig, *,
+               replace: bool = False, progress: bool = True) -> Path:
+    """Score the pool stores against the target stores and write the scores folder ``out``.
+
+    The ``[n_pool, S]`` float32 scores go to a memory-mapped file beside ``out`` (removed
+    after), so they need not fit in memory: 372 bytes per pool example for 93 subtasks."""
+    out = Path(out)
+    n = pool[0].n_rows if pool else 0
+    s = len(target_groups(list(targets[0].rows())).subtasks) if targets else 0
+    scratch = out.parent / f".{out.name}.scores.{os.getpid()}.npy"
+    values = result = None
+    try:
+        if n and s:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            values = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n, s))
+        result = score(pool, targets, cfg, out=values, progress=progress)
+        return write_scores(out, result, pool, targets, cfg, replace=replace)
+    finally:
+        del values, result  # unmapped before the file goes
+        scratch.unlink(missing_ok=True)
+
+
+def pool_records(pool_data: Sequence[DataSpec] | Sequence[Example], *,
+                 index_dir: str | Path | None = None) -> Mapping[tuple[str, str], Mapping[str, Any]]:
+    """``(source, id) -> the pool record as read``, to write selections in the pool's own format:
+    looked up through the pool files' indexes, one record at a time (:class:`~qless.pool_index.PoolRecords`)."""
+    return PoolRecords(load_data(pool_data, DataConfig(on_bad_record="skip"), index_dir=index_dir))
 
 
 def run_select(scores: str | Path, out: str | Path, cfg: SelectConfig = SelectConfig(), *,
                tasks: Sequence[str] | None = None, pool_data: Sequence[DataSpec] | Sequence[Example] | None = None,
-               ) -> dict[str, dict[str, Any]]:
+               index_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Select from a scores folder for each task (default: every scored task) into the new folder
-    ``out`` (``out/<task>`` when several), all tasks or none; returns each task's ``selection.json``."""
-    records = pool_records(pool_data) if pool_data is not None else None
+    ``out`` (``out/<task>`` when several), all tasks or none; returns each task's ``selection.json``.
+    ``index_dir`` keeps (and reuses) the pool files' indexes."""
+    records = pool_records(pool_data, index_dir=index_dir) if pool_data is not None else None
     with output_errors(out), atomic_folder(out, what="the selection") as tmp:
         return select_into(tmp, scores, cfg, tasks=tasks, records=records, flat=True)
 

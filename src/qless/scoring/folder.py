@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import operator
 import shutil
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from qless import __version__
 from qless.config import to_dict
 from qless.errors import ConfigError, StoreError
 from qless.files import atomic_folder, dumps, read_json
+from qless.scoring.aggregate import aggregate
 from qless.scoring.driver import ScoreConfig, Scores
 from qless.store import Datastore
 from qless.store.derive import content_digest
@@ -43,10 +46,8 @@ def write_scores(out_dir: str | Path, scores: Scores, pool: Sequence[Datastore],
     if out_dir.exists() and not replace:
         raise ConfigError(f"{out_dir}: already exists; choose a new output folder for the scores")
     with atomic_folder(out_dir, replace=replace, what="the scores") as tmp:
-        agg = scores.aggregate(cfg.aggregation)
         tasks = scores.groups.tasks
-        np.save(tmp / "subtask_scores.npy", scores.values.astype(np.float32), allow_pickle=False)
-        np.save(tmp / "task_scores.npy", np.stack([agg[t] for t in tasks], axis=1).astype(np.float32), allow_pickle=False)
+        unscored = _write_values(tmp, scores, cfg.aggregation)
         first = [p for p in pool if p.checkpoint == scores.checkpoints[0]][0]
         with open(tmp / "pool_rows.jsonl", "wb") as f:
             for shard in first.shards:
@@ -66,15 +67,66 @@ def write_scores(out_dir: str | Path, scores: Scores, pool: Sequence[Datastore],
             "target_stores": [str(t.path) for t in targets],
             "pool_quantizer": pool[0].spec.tag,
             "target_quantizer": targets[0].spec.tag,
-            "unscored_rows": int(np.isnan(scores.values).any(axis=1).sum()),
+            "unscored_rows": unscored,
             "inputs": scores_inputs(pool, targets, cfg),
         }
         (tmp / "manifest.json").write_text(dumps(manifest))
     return out_dir
 
 
-def read_scores(path: str | Path) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
-    """``(manifest, task_scores [n_pool, n_tasks], pool rows)`` of a scores folder, checked."""
+def _write_values(folder: Path, scores: Scores, how: str, block_rows: int = 65536) -> int:
+    """``subtask_scores.npy`` and ``task_scores.npy`` written a block of rows at a time, so that
+    memory-mapped ``scores.values`` need not fit in memory; returns the number of unscored rows."""
+    n, s = scores.values.shape
+    tasks = scores.groups.tasks
+    sub = np.lib.format.open_memmap(folder / "subtask_scores.npy", mode="w+", dtype=np.float32, shape=(n, s))
+    task = np.lib.format.open_memmap(folder / "task_scores.npy", mode="w+", dtype=np.float32, shape=(n, len(tasks)))
+    unscored = 0
+    for a in range(0, n, block_rows):
+        block = np.asarray(scores.values[a:a + block_rows])  # aggregated in its own dtype, stored as float32
+        agg = aggregate(block, scores.groups, how)
+        sub[a:a + len(block)] = block
+        task[a:a + len(block)] = np.stack([agg[t] for t in tasks], axis=1)
+        unscored += int(np.isnan(block).any(axis=1).sum())
+    sub.flush()
+    task.flush()
+    return unscored
+
+
+class PoolRows(Sequence[dict[str, Any]]):
+    """The ``{"source", "id"}`` rows of ``pool_rows.jsonl``, each line checked once, then read
+    when needed: memory is one byte offset per row, not a dict per row."""
+
+    def __init__(self, path: Path, fix: str) -> None:
+        self.path, self.fix = path, fix
+        offsets, pos = array("q", [0]), 0
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                parse_row(line, path, lineno, fix)
+                pos += len(line)
+                offsets.append(pos)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        i = range(len(self))[operator.index(i)]
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return parse_row(f.read(int(self.offsets[i + 1] - self.offsets[i])), self.path, i + 1, self.fix)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                yield parse_row(line, self.path, lineno, self.fix)
+
+
+def read_scores(path: str | Path) -> tuple[dict[str, Any], np.ndarray, Sequence[dict[str, Any]]]:
+    """``(manifest, task_scores [n_pool, n_tasks] memory-mapped, pool rows (:class:`PoolRows`))``
+    of a scores folder, checked."""
     path = Path(path)
     mpath = path / "manifest.json"
     fix = "re-run `qless score` into a new folder"
@@ -93,10 +145,7 @@ def read_scores(path: str | Path) -> tuple[dict[str, Any], np.ndarray, list[dict
         values = np.load(path / "task_scores.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise StoreError(f"{path / 'task_scores.npy'}: unreadable ({e}); {fix}") from None
-    rows = []
-    with open(path / "pool_rows.jsonl", "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            rows.append(parse_row(line, path / "pool_rows.jsonl", lineno, fix))
+    rows = PoolRows(path / "pool_rows.jsonl", fix)
     if values.shape != (n_pool, len(tasks)) or len(rows) != n_pool:
         raise StoreError(f"{path}: scores ({values.shape}) and rows ({len(rows)}) disagree with the manifest; {fix}")
     return manifest, values, rows
