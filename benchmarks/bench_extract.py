@@ -45,6 +45,7 @@ from qless.extraction import DEFAULT_FORMATS, ExtractConfig, Extractor, _micro_b
 from qless.gradients import IGNORE_INDEX, VERIFY_RTOL_LOW_PRECISION, PerExampleGradients, lora_parameters
 from qless.models import AdapterConfig, ModelConfig, attach_lora, load_model, load_tokenizer, native_bfloat16, resolve_device
 from qless.project import ProjectionConfig, Projector
+from qless.project.logra import project_rows
 from qless.quantize import quantize
 
 LESS_INTERVAL, LESS_BLOCK = 16, 128  # LESS projects every 16 examples; TRAK regenerates R in 128-column blocks
@@ -137,10 +138,15 @@ def load_items(args: argparse.Namespace, n: int, vocab: int) -> tuple[list[Token
 
 
 def run_qless(pe: PerExampleGradients, items, xcfg: ExtractConfig, proj_cfg: ProjectionConfig, pad: int, device):
-    """Extractor._chunk (the real code) with its gradients and projector timed, then quantization."""
-    projector = Projector(proj_cfg, pe.dim, device)
+    """Extractor._chunk (the real code) with its gradients and projector timed, then quantization.
+    LoGra projects inside the gradient hooks: its projection time is part of the gradients' time."""
     ex = Extractor.__new__(Extractor)  # the chunk loop without checkpoints or stores
-    ex.__dict__.update(cfg=xcfg, grads=Timed(pe, device), projector=Timed(projector, device, out_dim=projector.out_dim),
+    if pe.logra is not None:
+        projector, out_dim = None, pe.dim
+    else:
+        plain = Projector(proj_cfg, pe.dim, device)
+        projector, out_dim = Timed(plain, device, out_dim=plain.out_dim), plain.out_dim
+    ex.__dict__.update(cfg=xcfg, grads=Timed(pe, device), projector=projector, out_dim=out_dim,
                        tokenizer=SimpleNamespace(pad_token_id=pad),
                        buffer_rows=max(1, min(xcfg.chunk_size, xcfg.buffer_mb * 2**20 // (4 * pe.dim))))
     specs = [s for s in xcfg.specs if s.scale == "row"]
@@ -157,7 +163,8 @@ def run_qless(pe: PerExampleGradients, items, xcfg: ExtractConfig, proj_cfg: Pro
         quant_s += time.perf_counter() - t
         out.append(rows)
     seconds = time.perf_counter() - t0
-    return torch.cat(out), {"seconds": seconds, "gradient_s": ex.grads.seconds, "projection_s": ex.projector.seconds,
+    return torch.cat(out), {"seconds": seconds, "gradient_s": ex.grads.seconds,
+                            "projection_s": 0.0 if projector is None else projector.seconds,
                             "quantization_s": quant_s}
 
 
@@ -236,8 +243,10 @@ def main() -> None:
     p.add_argument("--less-examples", type=int, default=None, help="examples of the slow LESS path (default min(N, 16))")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bfloat16 where native, else float32")
     p.add_argument("--proj-dtype", choices=("float32", "bfloat16"), default="float32", help="qless projection compute dtype")
-    p.add_argument("--kind", choices=("rademacher", "gaussian", "sparse"), default="rademacher",
-                   help="qless projection kind (sparse: cost independent of k)")
+    p.add_argument("--kind", choices=("rademacher", "gaussian", "sparse", "logra"), default="rademacher",
+                   help="qless projection kind (sparse: cost independent of k; logra: per-layer, inside the hooks, "
+                        "plain gradients, k set by --side; LESS then projects to the same k)")
+    p.add_argument("--side", type=int, default=16, help="logra: side size s of each LoRA factor (default 16)")
     p.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS))
     p.add_argument("--pool", default=None, help="embedded (default for the embedded model), synthetic, or a .jsonl file")
     p.add_argument("--random-config", action="store_true", help="a random-init Llama of the --layers ... --vocab shape")
@@ -252,11 +261,21 @@ def main() -> None:
     model, model_info = build_model(args, device, dtype)
     vocab = model.get_input_embeddings().num_embeddings
     items, pad, data_desc = load_items(args, n, vocab)
-    pe = PerExampleGradients(model)
     params = [q for _, q in lora_parameters(model)]
     xcfg = ExtractConfig(formats=tuple(args.formats), batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                          chunk_size=args.chunk_size)
-    proj_cfg = ProjectionConfig(kind=args.kind, dim=args.k, compute_dtype=args.proj_dtype)
+    if args.kind == "logra":
+        proj_cfg = ProjectionConfig(kind="logra", dim=args.side, compute_dtype=args.proj_dtype)
+        pe = PerExampleGradients(model, projection=proj_cfg)
+        layout = PerExampleGradients(model).layout()
+        args.k = pe.dim  # LESS's way projects to the same k
+
+        def projector(rows: torch.Tensor) -> torch.Tensor:
+            return project_rows(pe.logra, rows.to(device), [r[4] for r in layout], [r[5] for r in layout])
+    else:
+        proj_cfg = ProjectionConfig(kind=args.kind, dim=args.k, compute_dtype=args.proj_dtype)
+        pe = PerExampleGradients(model)
+        projector = Projector(proj_cfg, pe.dim, device)
     tokens = [len(it.input_ids) for it in items]
     machine = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
@@ -264,7 +283,7 @@ def main() -> None:
                "dtype": args.dtype, "load_average": os.getloadavg()[0], "command": shlex.join(sys.argv)}
     print(f"machine: {machine}")
     print(f"model: {model_info['name']}, {model_info['num_parameters'] / 1e6:.1f}M params, {args.dtype}, LoRA r={args.rank} "
-          f"on q/k/v/o, d = {pe.dim:,}, k = {args.k}; data: {data_desc}, {n} examples, {sum(tokens)} tokens "
+          f"on q/k/v/o, d = {pe.input_dim:,}, k = {args.k} ({args.kind}); data: {data_desc}, {n} examples, {sum(tokens)} tokens "
           f"({min(tokens)}-{max(tokens)} per example); batches of <= {args.batch_size} examples / {args.max_batch_tokens} tokens")
 
     w, small_k = min(n, args.batch_size), dataclasses.replace(proj_cfg, dim=LESS_BLOCK)  # the timed kind, at a small k
@@ -286,7 +305,6 @@ def main() -> None:
     res_q["proj_quant_share"] = share
 
     # correctness: the three paths compute the same gradients
-    projector = Projector(proj_cfg, pe.dim, device)
     ref = projector(torch.stack(kept)).cpu()
     err_less = float(((qrows[:len(kept)] - ref).norm(dim=1) / ref.norm(dim=1)).max())
     first = _micro_batches(items[:args.chunk_size], xcfg)[0]
@@ -316,7 +334,7 @@ def main() -> None:
         print(f"target {what}: {'n/a on CPU' if met is None else 'met' if met else 'NOT met'}")
     print(f"check: qless rows vs LESS gradients through qless's Projector, max relative error {err_less:.2e} over {len(kept)} "
           f"rows; floor batch gradient vs sum of qless rows {err_floor:.2e}; tolerance {tol:g}: {'ok' if check['ok'] else 'FAILED'}")
-    record = {"machine": machine, "model": {**model_info, "d": pe.dim},
+    record = {"machine": machine, "model": {**model_info, "d": pe.input_dim},
               "settings": {k: v for k, v in vars(args).items() if k != "json_out"} | {"less_examples": n_less, "data": data_desc},
               "results": results, "ratios": {"qless_vs_floor": q_floor, "qless_vs_less": q_less}, "targets": targets, "check": check}
     line = json.dumps(record)
