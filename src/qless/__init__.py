@@ -15,11 +15,13 @@ The pipeline, one module per stage::
     scoring/    lr-weighted cosine influence, aggregated per target task
     selection   top p% (or random baseline) written in the pool's own format
     report      plots: score distributions, selection composition, bit-width trade-off
+    represent   base-model hidden states (RDS+), forward passes only, in the datastore format
+    baselines   random (several seeds), balanced random and RDS+ selections in the same format
     stages      one function per stage from files to files (the CLI and `qless run` call these)
     pipeline    every stage from one config (`qless run`), and the demo
 
 The public API: the configs, one function per stage (``warmup``, ``extract``, ``score``,
-``select``, ``train``, ``write_report``, ``run``, ``demo``, ``build_benchmark``) and the store
+``select``, ``train``, the baselines, ``write_report``, ``run``, ``demo``, ``build_benchmark``) and the store
 (``Datastore``). Names are imported on first use, so ``import qless`` stays light.
 """
 
@@ -39,6 +41,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WarmupConfig": ("qless.training", "WarmupConfig"),
     "TrainConfig": ("qless.training", "TrainConfig"),
     "ProjectionConfig": ("qless.project", "ProjectionConfig"),
+    "RepresentConfig": ("qless.represent", "RepresentConfig"),
     "ExtractConfig": ("qless.extraction", "ExtractConfig"),
     "ScoreConfig": ("qless.scoring", "ScoreConfig"),
     "SelectConfig": ("qless.selection", "SelectConfig"),
@@ -53,6 +56,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "write_report": ("qless.report", "write_report"),
     "run": ("qless.pipeline", "run"),
     "demo": ("qless.pipeline", "demo"),
+    "random_baseline": ("qless.baselines", "random_baseline"),
+    "balanced_baseline": ("qless.baselines", "balanced_baseline"),
+    "rds_baseline": ("qless.baselines", "rds_baseline"),
     # the store
     "Datastore": ("qless.store", "Datastore"),
     "QlessError": ("qless.errors", "QlessError"),

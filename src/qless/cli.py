@@ -143,6 +143,28 @@ def _cmd_select(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_baseline(ns: argparse.Namespace) -> int:
+    from qless.baselines import draw_baseline, rds_baseline
+    from qless.selection import SelectConfig
+
+    cfg = from_args(SelectConfig, ns)
+    if ns.baseline == "rds":
+        from qless.data import DataConfig
+        from qless.models import ModelConfig
+        from qless.represent import RepresentConfig
+
+        summaries = rds_baseline(ns.pool, ns.targets, ns.out, cfg, _preset_config(RepresentConfig, "represent", ns),
+                                 _preset_config(ModelConfig, "model", ns), _preset_config(DataConfig, "data", ns),
+                                 _preset_config(DataConfig, "target_data", ns))
+        folders = {task: Path(ns.out) / "selected" / task for task in summaries}
+    else:
+        summaries = draw_baseline(ns.baseline, ns.pool, ns.out, cfg, ns.seeds)
+        folders = {name: Path(ns.out) / name for name in summaries}
+    for name, summary in summaries.items():
+        print(f"{name}: selected {summary['n_selected']} of {summary['n_pool']} rows ({ns.baseline}) -> {folders[name]}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # run / demo / report / inspect
 
@@ -271,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qless.models import AdapterConfig, ModelConfig
     from qless.presets import PRESETS
     from qless.project import ProjectionConfig
+    from qless.represent import RepresentConfig
     from qless.scoring import ScoreConfig
     from qless.selection import SelectConfig
     from qless.training import TrainConfig, WarmupConfig
@@ -349,6 +372,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pool's data files (to write the selected examples in their own format)")
     add_arguments(p, SelectConfig)
     _COMMANDS["select"] = _cmd_select
+
+    p = _subcommand(sub, "baseline", "selection baselines written as qless selections: random p% (several seeds), "
+                    "balanced random (an equal share per source), RDS+ (hidden-state cosine, max over a task's examples)",
+                    "qless baseline random --pool pool.jsonl --percent 5 --seeds 0 1 2 --out run/baselines/random")
+    bsub = p.add_subparsers(dest="baseline", metavar="KIND", required=True)
+    for kind, what in (("random", "a uniform draw of p%% of the pool per seed"),
+                       ("balanced", "p%% of the pool per seed, an equal share from each source")):
+        b = _subcommand(bsub, kind, what.replace("%%", "%"),
+                        f"qless baseline {kind} --pool pool.jsonl --percent 5 --seeds 0 1 2 --out run/baselines/{kind}")
+        b.add_argument("--pool", nargs="+", required=True, metavar="DATA", help="pool data files, datasets folders or Hub ids")
+        b.add_argument("--out", required=True, help="new folder for the selections (OUT/seed-<s>)")
+        b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one selection per seed (default: 0 1 2)")
+        add_arguments(b, SelectConfig, skip=("method", "seed"))
+    b = _subcommand(bsub, "rds", "RDS+: position-weighted mean hidden states of the base model, cosine, max over a "
+                    "task's target examples, top p%",
+                    "qless baseline rds --pool pool.jsonl --targets mmlu.jsonl bbh.jsonl --percent 5 --preset cpu "
+                    "--out run/baselines/rds")
+    b.add_argument("--pool", nargs="+", required=True, metavar="DATA", help="pool data files, datasets folders or Hub ids")
+    b.add_argument("--targets", nargs="+", required=True, metavar="DATA", help="target task files (one set per file)")
+    b.add_argument("--out", required=True, help="folder for stores, scores and OUT/selected/<task> (an interrupted run "
+                   "resumes there)")
+    b.add_argument("--preset", choices=presets, default="paper", help="settings under your flags (default: paper)")
+    add_arguments(b, SelectConfig, skip=("method", "seed"))
+    for cls in (ModelConfig, DataConfig, RepresentConfig):
+        add_arguments(b, cls)
+    _COMMANDS["baseline"] = _cmd_baseline
 
     p = _subcommand(sub, "run", "run the whole pipeline from a YAML or JSON config (resumes, and reuses finished "
                     "stages when only targets, percent or formats change)",

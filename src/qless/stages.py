@@ -143,7 +143,7 @@ def score_into(out: str | Path, pool: Sequence[Datastore], targets: Sequence[Dat
     after), so they need not fit in memory: 372 bytes per pool example for 93 subtasks."""
     out = Path(out)
     n = pool[0].n_rows if pool else 0
-    s = len(target_groups(list(targets[0].rows())).subtasks) if targets else 0
+    s = len(target_groups(list(targets[0].rows()), by=cfg.target_groups).subtasks) if targets else 0
     scratch = out.parent / f".{out.name}.scores.{os.getpid()}.npy"
     values = result = None
     try:

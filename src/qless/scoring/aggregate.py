@@ -2,8 +2,10 @@
 
 A target task has subtasks (its rows' ``subtask`` field; a task without one is its own single
 subtask). Per subtask the scores are averaged over its examples, then aggregated over subtasks
-by max (LESS, the default) or mean (the QLESS code). Checkpoints are weighted by their
-learning rates normalised to sum to one (``eta_i``), or uniformly.
+by max (LESS, the default) or mean (the QLESS code). Grouped by example instead
+(``ScoreConfig.target_groups = "example"``), every target example is a group of one, and the max
+aggregation is the max over the task's examples (RDS+, Ivison et al. 2025). Checkpoints are
+weighted by their learning rates normalised to sum to one (``eta_i``), or uniformly.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ class TargetGroups:
         return [j for j, (t, _) in enumerate(self.subtasks) if t == task]
 
 
-def target_groups(rows: Sequence[dict[str, Any]]) -> TargetGroups:
-    """Group target rows by ``(source, subtask)`` in order of first appearance."""
+def target_groups(rows: Sequence[dict[str, Any]], by: str = "subtask") -> TargetGroups:
+    """Group target rows by ``(source, subtask)`` (``by="subtask"``) or ``(source, id)``
+    (``by="example"``: one group per example), in order of first appearance."""
+    if by not in ("subtask", "example"):
+        raise ValueError(f"target grouping {by!r}: use 'subtask' or 'example'")
     index: dict[tuple[str, str], int] = {}
     groups = np.empty(len(rows), dtype=np.int64)
     for r, row in enumerate(rows):
-        key = (str(row["source"]), str(row.get("subtask") or row["source"]))
+        name = row["id"] if by == "example" else row.get("subtask") or row["source"]
+        key = (str(row["source"]), str(name))
         groups[r] = index.setdefault(key, len(index))
     return TargetGroups(list(index), groups)
 

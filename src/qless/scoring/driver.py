@@ -38,6 +38,9 @@ class ScoreConfig(Config):
     section = "score"
 
     aggregation: Literal["max", "mean"] = option("max", "over subtasks: max (LESS) or mean (the QLESS code)")
+    target_groups: Literal["subtask", "example"] = option(
+        "subtask", "target rows grouped by subtask, each group's cosines averaged before aggregation (LESS), or each "
+        "example its own group, so that aggregation max is the max over a task's examples (RDS+)")
     weights: Literal["lr", "uniform"] = option("lr", "checkpoint weights: normalised learning rates (the paper) or uniform")
     block_rows: int = option(2048, "pool rows decoded at a time (bounds memory: 64 MiB of float32 at k = 8192)")
     device: str = option("cpu", "device for decoding and matmuls: cpu, cuda or auto")
@@ -63,6 +66,13 @@ class Scores:
 
 def pair_checkpoints(pool: Sequence[Datastore], targets: Sequence[Datastore]) -> list[tuple[Datastore, Datastore]]:
     """Match pool and target stores by checkpoint name and check they can be scored together."""
+    features = {side: sorted({s.manifest.get("features", "gradient") for s in stores})
+                for side, stores in (("pool", pool), ("target", targets))}
+    if len(set(features["pool"] + features["target"])) > 1:
+        raise StoreMismatchError(
+            f"the pool stores hold {' and '.join(features['pool'])} rows and the target stores {' and '.join(features['target'])} "
+            "rows (manifest field 'features'); score gradient stores against gradient stores, and hidden-state "
+            "representations (qless baseline rds) against representations")
     by_name = {}
     for t in targets:
         if t.checkpoint in by_name:
@@ -172,7 +182,7 @@ def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreCon
     target_maps = align_rows(target_stores)
     if any(m is not None for m in target_maps):
         raise StoreMismatchError("target stores hold different rows at different checkpoints; extract the targets again")
-    groups = target_groups(list(target_stores[0].rows()))
+    groups = target_groups(list(target_stores[0].rows()), by=cfg.target_groups)
     weights = checkpoint_weights([p.learning_rate for p in pool_stores], cfg.weights)
     maps = align_rows(pool_stores)
     n = pool_stores[0].n_rows

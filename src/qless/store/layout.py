@@ -1,9 +1,11 @@
 """The datastore's on-disk layout: its manifest and each shard's committed state.
 
-One store holds one checkpoint's gradients of one set of examples in one format::
+One store holds one checkpoint's gradients of one set of examples in one format (or, with
+``features: "hidden_state"``, the base model's pooled hidden states: :mod:`qless.represent`)::
 
     STORE/
-      manifest.json            what the rows are: format version, projection (kind, seed, k, d),
+      manifest.json            what the rows are: format version, features (gradient or
+                               hidden_state), projection (kind, seed, k, d),
                                quantizer (method, bits, scale mode), checkpoint (name, learning
                                rate), gradient kind, model, adapter and tokenization identity;
                                once finalised also the row count and the shard list
@@ -35,11 +37,15 @@ MANIFEST = "manifest.json"
 STATE = "state.json"
 DATA_FILES = ("codes.bin", "scales.bin", "rows.jsonl", "skipped.jsonl")
 
+#: What a store's rows are: LoRA gradients, or hidden-state representations (qless.represent).
+#: Manifests written before the field existed hold gradients.
+FEATURES = ("gradient", "hidden_state")
+
 #: Manifest fields that must agree for two stores to be combined into one.
-COMBINE_FIELDS = ("format_version", "projection", "quantizer", "checkpoint", "warmup", "gradient", "model", "adapter",
+COMBINE_FIELDS = ("format_version", "features", "projection", "quantizer", "checkpoint", "warmup", "gradient", "model", "adapter",
                   "tokenization")
 #: Fields that must agree between pool and target stores of one checkpoint for scoring.
-SCORE_FIELDS = ("projection", "checkpoint", "warmup", "model", "adapter")
+SCORE_FIELDS = ("features", "projection", "checkpoint", "warmup", "model", "adapter")
 
 
 def new_manifest(
@@ -53,12 +59,16 @@ def new_manifest(
     tokenization: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     warmup_checkpoints: Sequence[str] | None = None,
+    features: str = "gradient",
 ) -> dict[str, Any]:
     """A manifest for a new store. ``projection`` is :meth:`ProjectionConfig.identity`;
     ``checkpoint`` has ``name`` and ``learning_rate`` (and the ``adapter_sha256`` of its
     weights when it comes from a warmup); ``gradient`` is ``"adam"`` or ``"sgd"``;
     ``warmup_checkpoints`` lists every checkpoint of the warmup, all of which scoring requires
-    (default: this checkpoint alone)."""
+    (default: this checkpoint alone); ``features`` is ``"gradient"`` or ``"hidden_state"``
+    (then ``gradient`` is ``"none"``)."""
+    if features not in FEATURES:
+        raise ValueError(f"features {features!r}: use one of {', '.join(FEATURES)}")
     for key in ("kind", "dim", "seed", "input_dim"):
         if key not in projection:
             raise ValueError(f"projection identity lacks {key!r}")
@@ -67,6 +77,7 @@ def new_manifest(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "features": features,
         "projection": dict(projection),
         "quantizer": {"method": quantizer.method, "bits": quantizer.bits, "scale": quantizer.scale},
         "row_bytes": quantizer.row_bytes(int(projection["dim"])),
@@ -104,6 +115,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{mpath}: format_version {m.get('format_version')!r} is not supported by qless {__version__} "
             f"(it reads version {FORMAT_VERSION}); use the qless version that wrote it"
         )
+    m.setdefault("features", "gradient")  # written before hidden-state stores existed
     for key in ("projection", "quantizer", "row_bytes", "checkpoint", "gradient"):
         if key not in m:
             raise StoreError(f"{mpath}: field {key!r} missing; the manifest is corrupt, re-run the extraction that wrote it")
@@ -138,7 +150,8 @@ _MANIFEST_FIELDS: list[tuple[str, Callable[[Any], bool], str, bool]] = [
     ("checkpoint", lambda v: isinstance(v, dict), "an object", True),
     ("checkpoint.name", lambda v: isinstance(v, str) and v != "", "a non-empty string", True),
     ("checkpoint.learning_rate", _is_number, "a finite number", True),
-    ("gradient", lambda v: v in ("adam", "sgd"), "'adam' or 'sgd'", True),
+    ("features", lambda v: v in FEATURES, "'gradient' or 'hidden_state'", True),
+    ("gradient", lambda v: v in ("adam", "sgd", "none"), "'adam', 'sgd' or 'none' (hidden states)", True),
     ("warmup", lambda v: isinstance(v, dict), "an object", False),
     ("warmup.checkpoints", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of names", False),
     ("model", lambda v: isinstance(v, dict), "an object", False),
