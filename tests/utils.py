@@ -74,6 +74,18 @@ EXACT_COSINE_ATOL = 4 * FLOAT32_RTOL
 # row's cosine with any unit vector by at most about 2 / sqrt(k) of its norm share: 0.25 at k = 64 bounds it. Rows
 # without a flip still agree to SCORE_ATOL, and flips are rare (~1e-6 per coordinate), so the median row does.
 CODE_FLIP_ATOL = 0.25
+# LoRIF: the stable Nystrom fit of an exactly low-rank PSD matrix (or at full rank) against eigh: exact but for the
+# shift nu = sqrt(D) eps ||Y|| (~1e-14 relative) and float64 rounding in QR, Cholesky and SVD, amplified by the
+# sketch's condition number (< 1e4 here).
+NYSTROM_EXACT_RTOL = 1e-9
+# LoRIF Woodbury in float64 against a dense solve of G^T G / N + lambda I: equal in exact arithmetic; the solve's
+# rounding grows with cond(H) <= (lam_max + lambda) / lambda, a few hundred to a few thousand at damping 0.1.
+WOODBURY_FLOAT64_RTOL = 1e-9
+# LoRIF scores in float32 against float64: <g', g> and the rank-r correction each carry float32 rounding (2^-24 per
+# operation over sums of a few hundred products: about 1e-6 of ||g'|| ||g||) before their difference is divided by
+# lambda, so the error is bounded relative to ||g'|| ||g|| / lambda (cosine: (lam_max + lambda) / lambda), not to
+# the possibly much smaller result.
+LORIF_FLOAT32_TOL = 1e-6
 # Projection: float32 accumulation over d <= 4096 terms of magnitude <= |x|: relative error well under 1e-5.
 FP32_REL_TOL = 1e-5
 # Projection with bfloat16 operands (8-bit mantissa) and per-chunk bf16 partial sums: about 0.3% relative error.

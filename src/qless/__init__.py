@@ -13,6 +13,7 @@ The pipeline, one module per stage::
     extraction  the stream gradient -> project -> quantize -> store, resumable
     store/      the self-describing, memory-mapped gradient datastore
     scoring/    lr-weighted cosine influence, aggregated per target task
+    lorif/      LoRIF: rank-c factor rows, rank-r curvature (fit-curvature), influence scoring
     selection   top p% (or random baseline) written in the pool's own format
     report      plots: score distributions, selection composition, bit-width trade-off
     represent   base-model hidden states (RDS+), forward passes only, in the datastore format
@@ -44,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "RepresentConfig": ("qless.represent", "RepresentConfig"),
     "ExtractConfig": ("qless.extraction", "ExtractConfig"),
     "ScoreConfig": ("qless.scoring", "ScoreConfig"),
+    "CurvatureConfig": ("qless.lorif.curvature", "CurvatureConfig"),
     "SelectConfig": ("qless.selection", "SelectConfig"),
     "RunConfig": ("qless.pipeline", "RunConfig"),
     # one function per stage
@@ -51,6 +53,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "warmup": ("qless.stages", "run_warmup"),
     "extract": ("qless.stages", "run_extract"),
     "score": ("qless.stages", "run_score"),
+    "fit_curvature": ("qless.stages", "run_fit_curvature"),
     "select": ("qless.stages", "run_select"),
     "train": ("qless.stages", "run_train"),
     "write_report": ("qless.report", "write_report"),

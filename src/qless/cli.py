@@ -131,6 +131,15 @@ def _cmd_score(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit_curvature(ns: argparse.Namespace) -> int:
+    from qless.lorif.curvature import CurvatureConfig
+    from qless.stages import run_fit_curvature
+
+    for name, folder in run_fit_curvature(ns.stores, ns.out, from_args(CurvatureConfig, ns)).items():
+        print(f"{name}: {folder}")
+    return 0
+
+
 def _cmd_select(ns: argparse.Namespace) -> int:
     from qless.selection import SelectConfig
     from qless.stages import run_select
@@ -290,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qless.embedded import BenchmarkConfig
     from qless.extraction import ExtractConfig
     from qless.fidelity import FidelityConfig
+    from qless.lorif.curvature import CurvatureConfig
     from qless.models import AdapterConfig, ModelConfig
     from qless.presets import PRESETS
     from qless.project import ProjectionConfig
@@ -355,13 +365,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "recommendation.json of `qless fidelity` (flags still override)")
     _COMMANDS["extract"] = _cmd_extract
 
-    p = _subcommand(sub, "score", "score pool gradients against target gradients",
-                    "qless score --pool run/grads/absmean4/pool --target run/grads/absmean4/mmlu --out run/scores/mmlu")
+    p = _subcommand(sub, "score", "score pool gradients against target gradients (LESS/QLESS cosine, or LoRIF with "
+                    "--method lorif)",
+                    "qless score --pool run/grads/absmean4/pool --target run/grads/absmean4/mmlu --out run/scores/mmlu\n"
+                    "  qless score --method lorif --curvature run/curvature --pool run/grads/fp16/pool "
+                    "--target run/grads/fp16/mmlu --out run/scores/lorif")
     p.add_argument("--pool", nargs="+", required=True, metavar="STORE", help="pool store(s) or folder(s) of per-checkpoint stores")
     p.add_argument("--target", nargs="+", required=True, metavar="STORE", help="target store(s) or folder(s) of per-checkpoint stores")
     p.add_argument("--out", required=True, help="new folder for the scores")
     add_arguments(p, ScoreConfig)
     _COMMANDS["score"] = _cmd_score
+
+    p = _subcommand(sub, "fit-curvature", "LoRIF: fit the rank-r curvature (Gauss-Newton eigenpairs) of LoRIF pool factor "
+                    "stores in one pass, one per checkpoint, for `qless score --method lorif --curvature OUT`",
+                    "qless fit-curvature run/grads/fp16/pool --rank 64 --out run/curvature")
+    p.add_argument("stores", nargs="+", metavar="STORE", help="LoRIF pool store(s) or folder(s) of per-checkpoint stores")
+    p.add_argument("--out", required=True, help="new folder for the curvature (OUT/<checkpoint>/)")
+    add_arguments(p, CurvatureConfig)
+    _COMMANDS["fit-curvature"] = _cmd_fit_curvature
 
     p = _subcommand(sub, "select", "select the top-scoring pool examples (or a random baseline)",
                     "qless select --scores run/scores/mmlu --pool-data pool.jsonl --percent 5 --out run/selected/mmlu")

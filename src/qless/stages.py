@@ -7,7 +7,8 @@ writes its output folder and returns what it wrote. The library functions undern
 
 * :func:`run_warmup`  pool data -> ``OUT/checkpoint-N`` (LoRA adapter, Adam moments, lr)
 * :func:`run_extract` a warmup folder and data sets -> ``OUT/<format>/<set>/<checkpoint>`` stores
-* :func:`run_score`   pool and target stores -> a scores folder
+* :func:`run_score`   pool and target stores -> a scores folder (LESS/QLESS cosine, or LoRIF influence)
+* :func:`run_fit_curvature` LoRIF pool factor stores -> a curvature folder (one per checkpoint)
 * :func:`run_select`  a scores folder -> a selection folder (one subfolder per task if several)
 * :func:`run_train`   a selection folder or data files -> ``OUT/adapter`` (LoRA fine-tuning, the warmup's recipe)
 """
@@ -29,6 +30,8 @@ from qless.distributed import all_succeeded, device_for, launch_info, process_gr
 from qless.errors import ConfigError, DataError, ModelError
 from qless.extraction import ExtractConfig, extract, finish_stores
 from qless.files import atomic_folder, output_errors, safe_name
+from qless.lorif.curvature import CurvatureConfig, fit_curvature_folder
+from qless.lorif.score import lorif_score
 from qless.models import AdapterConfig, ModelConfig
 from qless.pool_index import PoolExamples, PoolRecords, open_examples
 from qless.project import ProjectionConfig
@@ -135,6 +138,10 @@ def run_score(pool: Sequence[str | Path], targets: Sequence[str | Path], out: st
     return {**manifest, "path": str(path)}
 
 
+#: ``ScoreConfig.method`` -> the scorer: LESS/QLESS cosine, or LoRIF influence from factor stores.
+SCORING_METHODS = {"less": score, "lorif": lorif_score}
+
+
 def score_into(out: str | Path, pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig, *,
                replace: bool = False, progress: bool = True) -> Path:
     """Score the pool stores against the target stores and write the scores folder ``out``.
@@ -150,11 +157,19 @@ def score_into(out: str | Path, pool: Sequence[Datastore], targets: Sequence[Dat
         if n and s:
             out.parent.mkdir(parents=True, exist_ok=True)
             values = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n, s))
-        result = score(pool, targets, cfg, out=values, progress=progress)
+        result = SCORING_METHODS[cfg.method](pool, targets, cfg, out=values, progress=progress)
         return write_scores(out, result, pool, targets, cfg, replace=replace)
     finally:
         del values, result  # unmapped before the file goes
         scratch.unlink(missing_ok=True)
+
+
+def run_fit_curvature(stores: Sequence[str | Path], out: str | Path, cfg: CurvatureConfig = CurvatureConfig(), *,
+                      progress: bool = True) -> dict[str, Path]:
+    """LoRIF's curvature of each checkpoint's pool factor store into the new folder ``out``
+    (``OUT/<checkpoint>/``, for ``qless score --method lorif --curvature OUT``)."""
+    with output_errors(out):
+        return fit_curvature_folder(stores, out, cfg, progress=progress)
 
 
 def pool_records(pool_data: Sequence[DataSpec] | Sequence[Example], *,

@@ -22,6 +22,7 @@ import torch
 from qless.config import Config, option
 from qless.console import progress_bar
 from qless.errors import ConfigError, StoreError, StoreMismatchError
+from qless.lorif.stores import refuse_factor_stores
 from qless.quantize import decode_codes
 from qless.scoring.aggregate import TargetGroups, aggregate, checkpoint_weights, target_groups
 from qless.scoring.cosine import block_scores, subtask_means
@@ -44,10 +45,20 @@ class ScoreConfig(Config):
     weights: Literal["lr", "uniform"] = option("lr", "checkpoint weights: normalised learning rates (the paper) or uniform")
     block_rows: int = option(2048, "pool rows decoded at a time (bounds memory: 64 MiB of float32 at k = 8192)")
     device: str = option("cpu", "device for decoding and matmuls: cpu, cuda or auto")
+    method: Literal["less", "lorif"] = option("less", "less: lr-weighted cosine of the stored vectors (LESS, QLESS); lorif: "
+                                              "influence from LoRIF factor stores (projection.kind lorif, qless.lorif.score)")
+    curvature: str = option("none", "lorif: a folder written by `qless fit-curvature` (damped Gauss-Newton inverse by "
+                            "Woodbury), or none (plain inner products of the gradients)")
+    normalize: Literal["raw", "cosine"] = option("raw", "lorif: raw influence <g', H^-1 g> (the LoRIF paper) or its cosine in "
+                                                 "the H^-1 metric (LESS-like)")
+    damping: float | None = option(None, "lorif: lambda as a multiple of each curvature block's mean eigenvalue (default: "
+                                   "the one recorded by fit-curvature, 0.1)")
 
     def validate(self) -> None:
         if self.block_rows < 1:
             raise ConfigError(f"score.block_rows must be positive, got {self.block_rows}")
+        if self.method == "less" and (self.curvature != "none" or self.normalize != "raw" or self.damping is not None):
+            raise ConfigError("score.curvature, score.normalize and score.damping are settings of --method lorif")
 
 
 @dataclass
@@ -176,6 +187,7 @@ def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreCon
     The pool stores' rows are reported in the first pool store's order. ``out`` may be a
     preallocated (e.g. memory-mapped) ``[n_pool, S]`` float32 array. ``kernels`` maps formats to
     packed kernels; ``{}`` decodes every format to float32 (the slower path, for comparison)."""
+    refuse_factor_stores([*pool, *targets])
     pairs = pair_checkpoints(pool, targets)
     pool_stores = [p for p, _ in pairs]
     target_stores = [t for _, t in pairs]
