@@ -1,7 +1,8 @@
 """Influence scoring: lr-weighted cosine between pool and target gradients, aggregated per task.
 
 * :mod:`~qless.scoring.cosine`: the maths on tensors (subtask means, one matmul per block)
-* :mod:`~qless.scoring.driver`: :func:`score` feeds store blocks to it; :class:`Scores`
+* :mod:`~qless.scoring.packed`: the same scores straight from packed low-bit codes (int8 matmuls)
+* :mod:`~qless.scoring.driver`: :func:`score` feeds store blocks to them; :class:`Scores`
 * :mod:`~qless.scoring.aggregate`: target subtasks, checkpoint weights, max/mean over subtasks
 * :mod:`~qless.scoring.folder`: the scores folder on disk
 * :mod:`~qless.scoring.reference`: float64 references for tests

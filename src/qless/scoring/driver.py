@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -165,6 +166,22 @@ def subtask_vectors(store: Datastore, groups: TargetGroups, block_rows: int = 40
     return (sums / torch.from_numpy(counts).to(torch.float64)[:, None]).T.contiguous()
 
 
+def _read_block(block: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, torch.Tensor]:
+    return block[0], torch.from_numpy(np.array(block[1]))
+
+
+def read_ahead(store: Datastore, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, codes)`` of each block, copied into memory, while a background thread reads
+    the next block: disk reads overlap the scoring of the previous block (two blocks in memory)."""
+    blocks = store.blocks(block_rows)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(_read_block, b) if (b := next(blocks, None)) is not None else None
+        while pending is not None:
+            block = pending.result()
+            pending = reader.submit(_read_block, b) if (b := next(blocks, None)) is not None else None
+            yield block
+
+
 def block_scorer(store: Datastore, subtasks: torch.Tensor, device: torch.device,
                  kernels: Mapping[str, PackedKernel] = PACKED_KERNELS) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The scorer of one checkpoint's pool blocks against ``subtasks [k, S]`` (float64, weighted):
@@ -207,8 +224,8 @@ def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreCon
     bar = progress_bar(total=total, desc="scoring", unit="row", enabled=progress)
     for (p, t), w, rowmap in zip(pairs, weights, maps):
         scorer = block_scorer(p, subtask_vectors(t, groups) * w, device, kernels)
-        for first, codes, _ in p.blocks(cfg.block_rows):
-            contrib_t, zero = scorer(torch.from_numpy(np.array(codes)))
+        for first, codes in read_ahead(p, cfg.block_rows):
+            contrib_t, zero = scorer(codes)
             zero_rows += int(zero.sum())
             contrib = contrib_t.cpu().numpy()
             if rowmap is None:
