@@ -58,6 +58,12 @@ NF4_DEQUANT_RTOL = 1e-4
 INT8_LOGIT_ATOL = 0.02
 # A converted GGUF folder against the GGUF loaded by transformers: the same float32 tensors, only kernel noise.
 GGUF_LOGIT_ATOL = 1e-4
+# Answer loss of a float32 model in padded batches against the float64 one-example loop (qless.evaluate.loss):
+# per-token log-probabilities carry float32 rounding through the layers, as the per-example gradients do.
+ANSWER_LOSS_RTOL = FLOAT32_RTOL
+# An option's log-likelihood (summed over <= 4 tokens, |value| ~ 10) from lm-eval on a float32 model against qless's float64
+# computation: float32 logits and log-softmax rounding, 1e-4 relative, summed over a few tokens.
+LOGLIKELIHOOD_ATOL = 1e-3
 
 # Scores: float32 decode and matmul against float64; sums of cosines (|s| <= 1) over k <= 8192
 # float32 products, rounding ~ sqrt(k) * 2^-24 ~ 1e-6: 1e-5 absolute is ample.

@@ -230,6 +230,19 @@ def _cmd_fidelity(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(ns: argparse.Namespace) -> int:
+    from qless.data import DataConfig
+    from qless.evaluate import EvaluateConfig, evaluate
+    from qless.evaluate.report import headline
+    from qless.models import ModelConfig
+
+    report = evaluate(ns.benchmark, ns.out, from_args(EvaluateConfig, ns), from_args(ModelConfig, ns), ns.adapter,
+                      from_args(DataConfig, ns))
+    print("\n".join(headline(report)))
+    print(f"{Path(ns.out) / 'eval.json'}  ({report['wall_seconds']:.0f} s)")
+    return 0
+
+
 def _print_summary(s: dict) -> None:
     print(f"\nrun folder: {s['run_dir']}  (pool {s['n_pool']} examples; targets "
           f"{', '.join(f'{k} {v}' for k, v in s['targets'].items())})")
@@ -447,6 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/fidelity; an interrupted probe resumes there)")
     add_arguments(p, FidelityConfig)
     _COMMANDS["fidelity"] = _cmd_fidelity
+
+    p = _subcommand(sub, "evaluate", "target-task metrics (MMLU, BBH, SQuAD) of a base model with an optional LoRA "
+                    "adapter, with lm-evaluation-harness, plus the mean answer loss on the held-out rows",
+                    "qless evaluate --benchmark runs/demo/benchmark --adapter runs/demo/warmup/checkpoint-2 "
+                    "--limit 2 --out runs/demo/eval")
+    p.add_argument("--benchmark", required=True, help="a folder written by `qless data build` (its eval/ sets)")
+    p.add_argument("--out", required=True, help="output folder (eval.json, eval.md; a finished result is reused)")
+    p.add_argument("--adapter", help="a saved LoRA adapter folder (e.g. a warmup checkpoint); default: the base model")
+    for cls in (ModelConfig, DataConfig):
+        add_arguments(p, cls)
+    from qless.evaluate import EvaluateConfig
+
+    add_arguments(p, EvaluateConfig)
+    _COMMANDS["evaluate"] = _cmd_evaluate
 
     p = _subcommand(sub, "report", "write the report of a finished run again (plots and report.md)",
                     "qless report runs/demo")
