@@ -121,13 +121,17 @@ class Datastore:
 
     def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(first_row, codes [m, row_bytes] uint8, scales [m] float32)`` in row order,
-        ``m <= block_rows``; arrays are read-only memory-mapped views."""
+        ``m <= block_rows``; arrays are read-only memory-mapped views. Each block's codes are a
+        mapping of their own, unmapped once the caller drops them, so a pass over the store does
+        not leave every page it read resident in the process."""
         for shard, start in zip(self.shards, self._starts[:-1]):
             if shard.rows == 0:
                 continue
             for a in range(0, shard.rows, block_rows):
                 b = min(a + block_rows, shard.rows)
-                yield int(start) + a, shard.codes[a:b], shard.scales[a:b]  # type: ignore[index]
+                codes = np.memmap(shard.dir / "codes.bin", dtype=np.uint8, mode="r", offset=a * self.row_bytes,
+                                  shape=(b - a, self.row_bytes))
+                yield int(start) + a, codes, shard.scales[a:b]  # type: ignore[index]
 
     def decoded(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` decoded to float32 codes (no scale), for small reads."""
