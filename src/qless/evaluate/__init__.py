@@ -133,10 +133,15 @@ def evaluate(benchmark: str | Path, out_dir: str | Path, cfg: EvaluateConfig = E
     A target whose evaluation file is missing (BBH without the optional bigbench asset) is recorded
     in ``missing`` and, once the others are done, raised as :class:`DataError` with the fix.
     """
-    import lm_eval
     import torch
 
     from qless.models import load_model
+
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise ConfigError(f"qless evaluate needs lm-evaluation-harness, an optional dependency: pip install "
+                          f"'qless[eval]' (from the repository: pip install -e '.[eval]') ({e})") from None
 
     started = time.perf_counter()
     bench, out = Path(benchmark), Path(out_dir)
