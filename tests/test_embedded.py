@@ -34,6 +34,8 @@ FILES = (
     "eval/squad.jsonl",
     "manifest.json",
 )
+if importlib.util.find_spec("bigbench") is not None:  # the optional BBH evaluation set
+    FILES = (*FILES[:-1], "eval/bbh.jsonl", FILES[-1])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
