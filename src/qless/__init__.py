@@ -15,6 +15,7 @@ The pipeline, one module per stage::
     scoring/    lr-weighted cosine influence, aggregated per target task
     lorif/      LoRIF: rank-c factor rows, rank-r curvature (fit-curvature), influence scoring
     selection   top p% (or random baseline) written in the pool's own format
+    evaluate/   target-task metrics of a model or adapter (lm-evaluation-harness) and held-out answer loss
     report      plots: score distributions, selection composition, bit-width trade-off
     represent   base-model hidden states (RDS+), forward passes only, in the datastore format
     baselines   random (several seeds), balanced random and RDS+ selections in the same format
@@ -41,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "AdapterConfig": ("qless.models", "AdapterConfig"),
     "WarmupConfig": ("qless.training", "WarmupConfig"),
     "TrainConfig": ("qless.training", "TrainConfig"),
+    "EvaluateConfig": ("qless.evaluate", "EvaluateConfig"),
     "ProjectionConfig": ("qless.project", "ProjectionConfig"),
     "RepresentConfig": ("qless.represent", "RepresentConfig"),
     "ExtractConfig": ("qless.extraction", "ExtractConfig"),
@@ -56,6 +58,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "fit_curvature": ("qless.stages", "run_fit_curvature"),
     "select": ("qless.stages", "run_select"),
     "train": ("qless.stages", "run_train"),
+    "evaluate": ("qless.evaluate", "evaluate"),
     "write_report": ("qless.report", "write_report"),
     "run": ("qless.pipeline", "run"),
     "demo": ("qless.pipeline", "demo"),
