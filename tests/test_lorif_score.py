@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import peft
@@ -30,7 +31,7 @@ from qless.lorif.curvature import (
 )
 from qless.lorif.factors import FactorLayout
 from qless.lorif.reference import exact_curvature, lorif_reference
-from qless.lorif.score import Preconditioner, coordinates, influence, lorif_score, self_influence
+from qless.lorif.score import Factors, Preconditioner, coordinates, influence, lorif_score, self_influence
 from qless.lorif.stores import all_factor_rows
 from qless.project import ProjectionConfig
 from qless.quantize import QuantizerSpec, decode_codes, quantize
@@ -196,7 +197,7 @@ def test_woodbury_scores_equal_the_explicit_damped_inverse_on_a_tiny_model(norma
     assert n == len(pool_rows) and all(lay.dim == 16 for lay in layout.layers)  # full rank: the exact G^T G / N
     pre = Preconditioner.from_curvature(Curvature(layout, blocks, {"damping": 0.1}), None, torch.device("cpu"),
                                         torch.float64)
-    sp, st = layout.split(pool_rows), layout.split(target_rows)
+    sp, st = Factors.of(layout, pool_rows), Factors.of(layout, target_rows)
     cp, ct = coordinates(sp, pre), coordinates(st, pre)
     got = influence(sp, cp, st, ct, pre)
     gp, gt = layout.reconstruct(pool_rows), layout.reconstruct(target_rows)
@@ -218,12 +219,12 @@ def test_woodbury_scores_equal_the_explicit_damped_inverse_on_a_tiny_model(norma
 
 def test_scores_from_factors_equal_scores_of_rebuilt_gradients():
     layout, pool_rows, target_rows = _tiny_rows(6, 3)
-    pre = Preconditioner.identity(layout)
-    sp, st = layout.split(pool_rows), layout.split(target_rows)
-    got = influence(sp, [], st, [], pre)
+    pre = Preconditioner.identity()
+    sp, st = Factors.of(layout, pool_rows), Factors.of(layout, target_rows)
+    got = influence(sp, None, st, None, pre)
     gp, gt = layout.reconstruct(pool_rows), layout.reconstruct(target_rows)
     torch.testing.assert_close(got, gp @ gt.T, rtol=0, atol=WOODBURY_FLOAT64_RTOL * float((gp @ gt.T).abs().max()))
-    torch.testing.assert_close(self_influence(sp, [], pre), (gp * gp).sum(1), rtol=WOODBURY_FLOAT64_RTOL, atol=0)
+    torch.testing.assert_close(self_influence(sp, None, pre), (gp * gp).sum(1), rtol=WOODBURY_FLOAT64_RTOL, atol=0)
 
 
 # -- the store driver --------------------------------------------------------------------------
@@ -266,7 +267,8 @@ def test_store_scores_equal_the_float64_reference(tmp_path, curvature, normalize
     folder = "none"
     if curvature != "none":
         folder = tmp_path / "curv"
-        fit_curvature_folder([p.path for p in pool], folder, CurvatureConfig(rank=5, scope=curvature), progress=False)
+        # rank 20 > D = 16 of the 4 x 4 layer: its block is padded to the others' rank
+        fit_curvature_folder([p.path for p in pool], folder, CurvatureConfig(rank=20, scope=curvature), progress=False)
     curvs = read_curvatures(folder) if folder != "none" else None
     cfg = ScoreConfig(method="lorif", curvature=str(folder), normalize=normalize, block_rows=6, aggregation="max")
     ref = aggregate_reference(lorif_reference(pool, targets, curvs, normalize=normalize), TROWS, "max")
@@ -281,6 +283,19 @@ def test_store_scores_equal_the_float64_reference(tmp_path, curvature, normalize
     for task in ref:
         assert np.abs(fast[task] - ref[task]).max() <= bound
     assert bound < 1e-2 * max(np.abs(ref[t]).max() for t in ref)  # the bound is tight enough to mean something
+
+
+def test_chunked_kernels_and_block_sizes_give_the_same_scores(tmp_path, monkeypatch):
+    import qless.lorif.score as lorif
+
+    pool, targets, _ = _stores(tmp_path, lrs=(1e-5,))
+    fit_curvature_folder([pool[0].path], tmp_path / "curv", CurvatureConfig(rank=6), progress=False)
+    cfg = ScoreConfig(method="lorif", curvature=str(tmp_path / "curv"), normalize="cosine")
+    whole = lorif_score(pool, targets, cfg, progress=False, dtype=torch.float64).values
+    monkeypatch.setattr(lorif, "CHUNK_ELEMENTS", 1)  # one layer per batched call
+    for rows in (1, 7):
+        part = lorif_score(pool, targets, replace(cfg, block_rows=rows), progress=False, dtype=torch.float64).values
+        np.testing.assert_allclose(part, whole, rtol=WOODBURY_FLOAT64_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("tag", ["absmax8", "absmean4", "absmean2", "sign1"])

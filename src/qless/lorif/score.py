@@ -6,11 +6,13 @@ layer gradients and ``H = A + lambda I`` the damped curvature of one block
 
     <g', H^-1 g> = ( <g', g> - sum_j lam_j / (lam_j + lambda) (v_j . g')(v_j . g) ) / lambda
 
-summed over blocks. Both parts come from the factors without rebuilding any ``[k_out, k_in]``
-gradient: ``<g', g>`` by :func:`~qless.lorif.factors.factor_inner` (``O(c c' (k_out + k_in))``
-per pair and layer) and the coordinates ``v_j . g`` by :func:`~qless.lorif.factors.factor_apply`
-against the eigenvectors reshaped ``[r, k_out, k_in]`` (``O(r c k_out k_in)`` per example,
-once). Without curvature (``--curvature none``) the score is ``<g', g>``.
+summed over blocks. ``<g', g>`` comes from the factors of both sides, ``sum_cd (U^T U')_cd
+(V^T V')_cd`` (:func:`~qless.lorif.factors.factor_inner`, ``O(c c' (k_out + k_in))`` per pair and
+layer), never from rebuilt gradients; the coordinates ``v_j . g`` are computed once per example,
+forming each layer's ``U V^T`` transiently in memory (``O((c + r) k_out k_in)``, fewer operations
+than contracting the factors with each eigenvector, :func:`~qless.lorif.factors.factor_apply`'s
+``O(c r k_out k_in)``). Layers of one shape are stacked and computed in one batched call.
+Without curvature (``--curvature none``) the score is ``<g', g>``.
 
 ``normalize``: ``raw`` is the influence itself (the paper); ``cosine`` divides by
 ``sqrt(<g', H^-1 g'>) sqrt(<g, H^-1 g>)``, the cosine in the ``H^-1`` metric (LESS-like).
@@ -32,7 +34,7 @@ import torch
 from qless.console import progress_bar
 from qless.errors import StoreError, StoreMismatchError
 from qless.lorif.curvature import Curvature, check_curvature, read_curvatures
-from qless.lorif.factors import FactorLayout, factor_apply, factor_inner
+from qless.lorif.factors import FactorLayout
 from qless.lorif.stores import all_factor_rows, factor_rows, require_factor_stores, store_layout
 from qless.scoring.aggregate import TargetGroups, checkpoint_weights, target_groups
 from qless.scoring.driver import ScoreConfig, Scores, align_rows, pair_checkpoints
@@ -44,68 +46,145 @@ log = logging.getLogger(__name__)
 # -- the maths on tensors --------------------------------------------------------------------
 
 
-@dataclass
-class Preconditioner:
-    """The Woodbury pieces of one checkpoint's damped curvature, in the scoring dtype: per block
-    its layers, eigenvectors reshaped per layer ``[r, k_out, k_in]``, weights
-    ``lam / (lam + lambda)`` and ``lambda``. ``None`` blocks (no curvature): one identity block."""
+#: Bound on the elements of one transient tensor of the batched kernels (memory, not results: 64 MiB of float32).
+CHUNK_ELEMENTS = 1 << 24
 
-    layers: list[list[int]]
-    bases: list[list[torch.Tensor]] | None
-    shrink: list[torch.Tensor] | None
-    damping: list[float] | None
+
+def shape_groups(layout: FactorLayout) -> list[list[int]]:
+    """Layer indices grouped by ``(k_out, k_in)``: each group is computed in one batched call."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, lay in enumerate(layout.layers):
+        groups.setdefault((lay.k_out, lay.k_in), []).append(i)
+    return list(groups.values())
+
+
+def _step(per_layer: int) -> int:
+    """Layers per chunk when each takes ``per_layer`` elements of a transient tensor."""
+    return max(1, CHUNK_ELEMENTS // max(1, per_layer))
+
+
+@dataclass
+class Factors:
+    """The factors of n examples, the layers of each shape stacked: per group its layer indices,
+    ``U [G, n, k_out, c]`` and ``V [G, n, k_in, c]`` (G layers)."""
+
+    n: int
+    n_layers: int
+    groups: list[tuple[list[int], torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def identity(cls, layout: FactorLayout) -> Preconditioner:
-        return cls([list(range(len(layout.layers)))], None, None, None)
+    def of(cls, layout: FactorLayout, rows: torch.Tensor) -> Factors:
+        split = layout.split(rows)
+        return cls(len(rows), len(layout.layers), [(idx, torch.stack([split[i][0] for i in idx]),
+                                                    torch.stack([split[i][1] for i in idx])) for idx in shape_groups(layout)])
+
+    def inner(self, other: Factors) -> torch.Tensor:
+        """``[L, n, m]``: per layer ``<U V^T, U' V'^T>_F`` of every pair, from the factors:
+        ``sum_cd (U^T U')_cd (V^T V')_cd``, ``O(c c' (k_out + k_in))`` per pair and layer."""
+        ref = self.groups[0][1]
+        out = torch.empty(self.n_layers, self.n, other.n, dtype=ref.dtype, device=ref.device)
+        for (idx, u, v), (_, u2, v2) in zip(self.groups, other.groups):
+            step = _step(self.n * other.n * u.shape[-1] * u2.shape[-1])
+            for a in range(0, len(idx), step):
+                uu = torch.einsum("gnoc,gmod->gnmcd", u[a:a + step], u2[a:a + step])
+                vv = torch.einsum("gnic,gmid->gnmcd", v[a:a + step], v2[a:a + step])
+                out[idx[a:a + step]] = (uu * vv).sum(dim=(-1, -2))
+        return out
+
+    def squared_norms(self) -> torch.Tensor:
+        """``[L, n]``: per layer ``||U V^T||_F^2`` of each example."""
+        ref = self.groups[0][1]
+        out = torch.empty(self.n_layers, self.n, dtype=ref.dtype, device=ref.device)
+        for idx, u, v in self.groups:
+            out[idx] = ((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum(dim=(-1, -2))
+        return out
+
+    def project(self, bases: list[torch.Tensor]) -> torch.Tensor:
+        """``[L, n, r]``: per layer the coordinates ``<U V^T, b_j>`` along basis matrices ``bases[group]
+        [G, D_l, r]`` (flattened ``[k_out, k_in]``). Each chunk of layers forms ``U V^T`` transiently and
+        multiplies: ``O((c + r) k_out k_in)`` per example and layer, fewer operations than contracting
+        the factors with each basis matrix (``O(c r k_out k_in)``, :func:`~qless.lorif.factors.factor_apply`)."""
+        r = bases[0].shape[-1]
+        ref = self.groups[0][1]
+        out = torch.empty(self.n_layers, self.n, r, dtype=ref.dtype, device=ref.device)
+        for (idx, u, v), basis in zip(self.groups, bases):
+            step = _step(self.n * u.shape[2] * v.shape[2])
+            for a in range(0, len(idx), step):
+                g = (u[a:a + step] @ v[a:a + step].transpose(-1, -2)).flatten(2)  # [G', n, D_l]
+                out[idx[a:a + step]] = g @ basis[a:a + step]
+        return out
+
+
+@dataclass
+class Preconditioner:
+    """The Woodbury pieces of one checkpoint's damped curvature, in the scoring dtype: each layer's
+    block (``layer_block [L]``), the eigenvectors cut per layer and stacked like :class:`Factors`
+    (``bases[group] [G, D_l, r]``), and per block ``shrink [B, r] = lam / (lam + lambda)`` and
+    ``damping [B] = lambda``; blocks of lower rank are padded with zero vectors and weights.
+    Without curvature (:meth:`identity`) the bases are ``None``."""
+
+    layer_block: torch.Tensor | None
+    bases: list[torch.Tensor] | None
+    shrink: torch.Tensor | None
+    damping: torch.Tensor | None
+
+    @classmethod
+    def identity(cls) -> Preconditioner:
+        return cls(None, None, None, None)
 
     @classmethod
     def from_curvature(cls, curv: Curvature, damping: float | None, device: torch.device,
                        dtype: torch.dtype) -> Preconditioner:
         lams = curv.dampings(damping)
-        bases, shrink = [], []
-        for block, lam in zip(curv.blocks, lams):
-            vec = block.eigenvectors.to(device=device, dtype=dtype)
-            parts, at = [], 0
+        r = max(len(b.eigenvalues) for b in curv.blocks)
+        layer_block = torch.empty(len(curv.layout.layers), dtype=torch.long)
+        per_layer: dict[int, torch.Tensor] = {}
+        shrink = torch.zeros(len(curv.blocks), r, dtype=torch.float64)
+        for k, (block, lam) in enumerate(zip(curv.blocks, lams)):
+            at = 0
             for i in block.layers:
                 lay = curv.layout.layers[i]
-                parts.append(vec[:, at:at + lay.dim].reshape(-1, lay.k_out, lay.k_in))
+                layer_block[i] = k
+                vec = torch.zeros(lay.dim, r, dtype=torch.float64)
+                vec[:, :len(block.eigenvalues)] = block.eigenvectors[:, at:at + lay.dim].T
+                per_layer[i] = vec
                 at += lay.dim
-            bases.append(parts)
-            shrink.append((block.eigenvalues / (block.eigenvalues + lam)).to(device=device, dtype=dtype))
-        return cls([b.layers for b in curv.blocks], bases, shrink, lams)
+            shrink[k, :len(block.eigenvalues)] = block.eigenvalues / (block.eigenvalues + lam)
+        bases = [torch.stack([per_layer[i] for i in idx]).to(device=device, dtype=dtype)
+                 for idx in shape_groups(curv.layout)]
+        return cls(layer_block.to(device), bases, shrink.to(device=device, dtype=dtype),
+                   torch.tensor(lams, dtype=dtype, device=device))
 
 
-def coordinates(split: list[tuple[torch.Tensor, torch.Tensor]], pre: Preconditioner) -> list[torch.Tensor]:
-    """Per block, ``[n, r]``: each example's gradient coordinates along the block's eigenvectors."""
+def coordinates(f: Factors, pre: Preconditioner) -> torch.Tensor | None:
+    """``[B, n, r]``: each example's gradient coordinates along each block's eigenvectors."""
     if pre.bases is None:
-        return []
-    return [sum(factor_apply(*split[i], basis) for i, basis in zip(layers, bases))
-            for layers, bases in zip(pre.layers, pre.bases)]
+        return None
+    part = f.project(pre.bases)
+    return torch.zeros(len(pre.shrink), *part.shape[1:], dtype=part.dtype, device=part.device).index_add_(
+        0, pre.layer_block, part)
 
 
-def influence(a: list[tuple[torch.Tensor, torch.Tensor]], a_coords: list[torch.Tensor],
-              b: list[tuple[torch.Tensor, torch.Tensor]], b_coords: list[torch.Tensor], pre: Preconditioner) -> torch.Tensor:
-    """``[n, m]``: ``<g_a, H^-1 g_b>`` for factor sets ``a`` (n examples) and ``b`` (m), summed over blocks."""
-    total = 0
-    for k, layers in enumerate(pre.layers):
-        inner = sum(factor_inner(*a[i], *b[i]) for i in layers)
-        if pre.bases is not None:
-            inner = (inner - (a_coords[k] * pre.shrink[k]) @ b_coords[k].T) / pre.damping[k]
-        total = total + inner
-    return total
+def influence(a: Factors, a_coords: torch.Tensor | None, b: Factors, b_coords: torch.Tensor | None,
+              pre: Preconditioner) -> torch.Tensor:
+    """``[n, m]``: ``<g_a, H^-1 g_b>`` for factor sets ``a`` (n examples) and ``b`` (m), summed over
+    blocks: ``(<g_a, g_b> - sum_j shrink_j (v_j . g_a)(v_j . g_b)) / lambda`` per block."""
+    inner = a.inner(b)
+    if pre.bases is None:
+        return inner.sum(dim=0)
+    blocks = torch.zeros(len(pre.shrink), a.n, b.n, dtype=inner.dtype, device=inner.device).index_add_(
+        0, pre.layer_block, inner)
+    correction = torch.bmm(a_coords * pre.shrink[:, None, :], b_coords.transpose(1, 2))
+    return ((blocks - correction) / pre.damping[:, None, None]).sum(dim=0)
 
 
-def self_influence(split: list[tuple[torch.Tensor, torch.Tensor]], coords: list[torch.Tensor],
-                   pre: Preconditioner) -> torch.Tensor:
+def self_influence(f: Factors, coords: torch.Tensor | None, pre: Preconditioner) -> torch.Tensor:
     """``[n]``: ``<g, H^-1 g>`` of each example (``||g||^2`` without curvature)."""
-    total = 0
-    for k, layers in enumerate(pre.layers):
-        sq = sum(((u.transpose(1, 2) @ u) * (v.transpose(1, 2) @ v)).sum(dim=(1, 2)) for u, v in (split[i] for i in layers))
-        if pre.bases is not None:
-            sq = (sq - (coords[k] ** 2 * pre.shrink[k]).sum(dim=1)) / pre.damping[k]
-        total = total + sq
-    return total
+    sq = f.squared_norms()
+    if pre.bases is None:
+        return sq.sum(dim=0)
+    blocks = torch.zeros(len(pre.shrink), f.n, dtype=sq.dtype, device=sq.device).index_add_(0, pre.layer_block, sq)
+    return ((blocks - (coords ** 2 * pre.shrink[:, None, :]).sum(dim=-1)) / pre.damping[:, None]).sum(dim=0)
 
 
 class TargetSide:
@@ -116,13 +195,13 @@ class TargetSide:
     def __init__(self, rows: torch.Tensor, layout: FactorLayout, pre: Preconditioner, groups: TargetGroups,
                  weight: float, normalize: str, where: str) -> None:
         self.layout, self.pre, self.normalize = layout, pre, normalize
-        self.split = layout.split(rows)
-        self.coords = coordinates(self.split, pre)
+        self.factors = Factors.of(layout, rows)
+        self.coords = coordinates(self.factors, pre)
         counts = np.bincount(groups.row_group, minlength=len(groups.subtasks)).astype(np.float64)
         mean = np.zeros((len(rows), len(groups.subtasks)))
         mean[np.arange(len(rows)), groups.row_group] = weight / counts[groups.row_group]
         if normalize == "cosine":
-            h = self_influence(self.split, self.coords, pre)
+            h = self_influence(self.factors, self.coords, pre)
             if bool((h <= 0).any()):
                 bad = int(torch.nonzero(h <= 0)[0])
                 raise StoreError(f"{where}: target row {bad} has a zero gradient (or one the curvature cancels); it "
@@ -132,12 +211,12 @@ class TargetSide:
 
     def scores(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool factor rows ``[m, width]`` -> (weighted subtask scores ``[m, S]``, zero rows ``[m]``)."""
-        split = self.layout.split(rows)
-        coords = coordinates(split, self.pre)
-        infl = influence(split, coords, self.split, self.coords, self.pre)
+        factors = Factors.of(self.layout, rows)
+        coords = coordinates(factors, self.pre)
+        infl = influence(factors, coords, self.factors, self.coords, self.pre)
         zero = (rows == 0).all(dim=1)
         if self.normalize == "cosine":
-            h = self_influence(split, coords, self.pre)
+            h = self_influence(factors, coords, self.pre)
             zero = zero | (h <= 0)
             infl = infl / torch.where(zero, 1.0, h).sqrt()[:, None]
         out = infl @ self.mean
@@ -178,7 +257,7 @@ def lorif_score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: Sc
     for (p, t), w, rowmap in zip(pairs, weights, maps):
         layout = store_layout(p)
         if curvatures is None:
-            pre = Preconditioner.identity(layout)
+            pre = Preconditioner.identity()
         else:
             if p.checkpoint not in curvatures:
                 raise StoreError(f"{cfg.curvature}: no curvature for checkpoint {p.checkpoint!r} (it has "
@@ -210,4 +289,5 @@ def lorif_score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: Sc
     return Scores(values, groups, weights, [p.checkpoint for p in pool_stores])
 
 
-__all__ = ["Preconditioner", "TargetSide", "coordinates", "influence", "lorif_score", "self_influence"]
+__all__ = ["Factors", "Preconditioner", "TargetSide", "coordinates", "influence", "lorif_score", "self_influence",
+           "shape_groups"]
