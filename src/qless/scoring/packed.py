@@ -37,8 +37,7 @@ import torch
 
 DIGITS = 3  # int8 digits per query entry: 3 x 8 bits leave a residual at float32 precision (module docstring)
 _DIGIT_MAX = 127
-# rows unpacked at a time: keeps the int8 codes (k bytes a row) and temporaries in the CPU caches
-CHUNK_ROWS = 256
+CHUNK_ROWS = 256  # rows squared at a time in int16 (4 and 8 bits): the temporaries stay in the CPU caches
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
 
@@ -111,8 +110,9 @@ def plane_order(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _popcounts(x: torch.Tensor) -> torch.Tensor:
-    """Set bits per row of integer words ``x [m, W]`` (int64 ``[m]``): SWAR counts per pair, nibble
-    and byte, the bytes of each word added by shifts (summing a uint8 view is 20 times slower)."""
+    """Set bits of integer words ``x [..., W]`` summed over the last dim (int64 ``[...]``): SWAR counts
+    per pair, nibble and byte, the bytes of each word added by shifts (summing a uint8 view is 20
+    times slower)."""
     m55, m33, m0f = (_repeat_byte(b, x) for b in (0x55, 0x33, 0x0F))
     x = x - ((x >> 1) & m55)
     x = (x & m33) + ((x >> 2) & m33)
@@ -121,7 +121,7 @@ def _popcounts(x: torch.Tensor) -> torch.Tensor:
     while shift < 8 * x.element_size():
         x = x + (x >> shift)
         shift *= 2
-    return (x & 0xFF).sum(dim=1)
+    return (x & 0xFF).sum(dim=-1)
 
 
 def split_digits(q: torch.Tensor, n_digits: int = DIGITS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,22 +169,28 @@ class IntegerCodes:
             return torch.bitwise_xor(codes, 0x80).view(torch.int8)
         return unpack_planes(codes, self.bits).view(torch.int8)
 
-    def scores(self, codes: torch.Tensor, query: PackedQuery) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = codes.reshape(codes.shape[0], -1).contiguous()
-        m = codes.shape[0]
-        acc = torch.empty(m, query.digits.shape[1], dtype=torch.int32)
-        sq = torch.full((m,), codes.shape[1] * 8 // self.bits, dtype=torch.int64)  # sign: every x^2 is 1
-        for a in range(0, m, CHUNK_ROWS):
-            v = self._codes(codes[a:a + CHUNK_ROWS])
-            torch._int_mm(v, query.digits, out=acc[a:a + CHUNK_ROWS])
-            if self.bits > 2:  # x = step * v + shift * step - zero, squared in int16 (|x| <= 128)
-                x = v.to(torch.int16).mul_(self.step).add_(self.step * self.shift - self.zero)
-                sq[a:a + CHUNK_ROWS] = x.mul_(x).sum(dim=1, dtype=torch.int64)
+    def _square_sums(self, codes: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``||x||^2`` of every row (int64 ``[m]``), exact: the decoded row's squared norm."""
+        m, k = v.shape
+        if self.bits == 1:  # every coordinate is +-1
+            return torch.full((m,), k, dtype=torch.int64)
         if self.bits == 2:  # u = b0 + 2 b1, x = u - 1: x^2 = 1 - b0 + 4 b0 b1
             w = _words(codes)
             low = _repeat_byte(0x55, w)
-            sq -= _popcounts(w & low) - 4 * _popcounts(w & (w >> 1) & low)
-        dots = torch.addmm(query.offset, acc.to(torch.float64), query.combine, alpha=self.step)
+            sq = k - _popcounts(w & low)
+            threes = w & (w >> 1) & low  # u = 3 (x = 2): never written by the quantizers, decoded all the same
+            return sq + 4 * _popcounts(threes) if bool(threes.any()) else sq
+        sq = torch.empty(m, dtype=torch.int64)
+        for a in range(0, m, CHUNK_ROWS):  # x = step * v + step * shift - zero, squared in int16 (|x| <= 128)
+            x = v[a:a + CHUNK_ROWS].to(torch.int16).mul_(self.step).add_(self.step * self.shift - self.zero)
+            sq[a:a + CHUNK_ROWS] = x.mul_(x).sum(dim=1, dtype=torch.int64)
+        return sq
+
+    def scores(self, codes: torch.Tensor, query: PackedQuery) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = codes.reshape(codes.shape[0], -1).contiguous()
+        v = self._codes(codes)
+        dots = torch.addmm(query.offset, torch._int_mm(v, query.digits).to(torch.float64), query.combine, alpha=self.step)
+        sq = self._square_sums(codes, v)
         zero = sq == 0
         dots /= torch.where(zero, 1, sq).to(torch.float64).sqrt_()[:, None]
         dots[zero] = 0.0
