@@ -246,6 +246,11 @@ def test_cli_writes_eval_json_and_md(cli_run) -> None:
     assert report["settings"]["versions"]["lm_eval"] == "0.4.13" and report["adapter"] is None
     assert "| mmlu | acc |" in (out / "eval.md").read_text()
     assert len((out / "samples" / "bbh.jsonl").read_text().splitlines()) == 3
+    import yaml  # the task files lm-eval read stay usable: their data files are where they say
+
+    for path in (out / "lm_eval_tasks").rglob("qless_*.yaml"):
+        config = yaml.safe_load(path.read_text().split("process_results:")[0])
+        assert all(Path(f).is_file() for f in config.get("dataset_kwargs", {}).get("data_files", {}).values())
 
 
 def test_cli_reuses_a_finished_result_and_refuses_other_settings(cli_run, capsys) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from qless.errors import ConfigError, DataError, ModelError, OutputError
 from qless.evaluate import harness, loss
 from qless.evaluate.report import render_markdown
 from qless.evaluate.tasks import TASKS, TaskFiles, eval_file, write_bbh, write_mmlu, write_squad
-from qless.files import atomic_folder, atomic_write_json, atomic_write_text, output_errors, read_json
+from qless.files import atomic_write_json, atomic_write_text, output_errors, read_json
 from qless.models import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -174,20 +175,22 @@ def evaluate(benchmark: str | Path, out_dir: str | Path, cfg: EvaluateConfig = E
                 log.info("%s: reusing the finished result", target)
                 continue
             target_start = time.perf_counter()
-            with atomic_folder(out / "lm_eval_tasks" / target, replace=True, what="task files") as folder:
-                try:
-                    files = _write_tasks(bench, folder, target, cfg)
-                except DataError as e:
-                    if target != "bbh" or eval_file(bench, "bbh").is_file():
-                        raise
-                    missing[target] = str(e)
-                    continue
-                lm = lm or harness.make_lm(base, tokenizer, cfg.batch_size)
-                log.info("%s: %d items in %d subtask(s), lm-eval task %s", target, len(files.rows),
-                         len({r["subtask"] for r in files.rows}), files.name)
-                result, samples = harness.run(lm, folder, files)
-                if cfg.answer_loss:
-                    result["answer_loss"] = _answer_loss(files, base, tokenizer, data, cfg, progress, folder)
+            folder = out / "lm_eval_tasks" / target  # lm-eval's input, written anew each time (paths inside are final)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            try:
+                files = _write_tasks(bench, folder, target, cfg)
+            except DataError as e:
+                if target != "bbh" or eval_file(bench, "bbh").is_file():
+                    raise
+                missing[target] = str(e)
+                continue
+            lm = lm or harness.make_lm(base, tokenizer, cfg.batch_size)
+            log.info("%s: %d items in %d subtask(s), lm-eval task %s", target, len(files.rows),
+                     len({r["subtask"] for r in files.rows}), files.name)
+            result, samples = harness.run(lm, folder, files)
+            if cfg.answer_loss:
+                result["answer_loss"] = _answer_loss(files, base, tokenizer, data, cfg, progress, folder)
             result |= {"settings": files.settings, "file": str(files.source), "seconds": time.perf_counter() - target_start}
             (out / "samples").mkdir(exist_ok=True)
             atomic_write_text(out / "samples" / f"{target}.jsonl",

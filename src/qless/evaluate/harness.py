@@ -26,10 +26,14 @@ STDERR_BOOTSTRAP_ITERS = 1000
 
 def make_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
     """lm-eval's HFLM around the loaded model and tokenizer."""
+    import datasets
     from lm_eval.models.huggingface import HFLM
 
-    if not log.isEnabledFor(logging.DEBUG):  # its per-task INFO lines drown qless's own
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown qless's own
+        # it warns that a model object (not a name) was passed: that is how qless uses it
+        logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+        datasets.disable_progress_bars()  # one bar per data file of a few rows; lm-eval's own bars stay
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
