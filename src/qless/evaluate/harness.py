@@ -4,6 +4,10 @@ The model object goes to lm-eval's ``HFLM`` as is (no second load, same device a
 tasks come from a ``TaskManager`` over qless's task folder only (lm-eval's built-in tasks are
 not indexed: they would fetch from the Hub). Per-sample records are kept so that the SQuAD
 breakdown per article, which lm-eval does not report, can be taken from them.
+
+The tasks run through ``lm_eval.evaluator.evaluate``, the engine under ``simple_evaluate``, with
+``simple_evaluate``'s seeds: ``simple_evaluate`` also records the environment through torch's
+``collect_env`` (it runs ``pip list`` and more: 5 to 15 s per call here), which qless records itself.
 """
 
 from __future__ import annotations
@@ -52,12 +56,18 @@ def run(lm: Any, folder: Path, files: TaskFiles) -> tuple[dict[str, Any], list[d
     Summary: ``metric``, ``value``, ``stderr``, ``n`` and ``subtasks`` (subtask -> value, stderr, n);
     SQuAD adds ``exact_match`` beside F1.
     """
-    from lm_eval import simple_evaluate
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
+    random.seed(0)  # simple_evaluate's defaults (random_seed, numpy_random_seed, torch_random_seed)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
-    raw = simple_evaluate(model=lm, tasks=[files.name], task_manager=manager, log_samples=True,
-                          bootstrap_iters=STDERR_BOOTSTRAP_ITERS)
+    raw = evaluate(lm=lm, task_dict=manager.load([files.name]), log_samples=True, bootstrap_iters=STDERR_BOOTSTRAP_ITERS)
     if raw is None:  # lm-eval returns None on non-zero ranks only
         raise RuntimeError("lm-eval returned no results")
     metric, filt = METRIC[files.target]
