@@ -21,9 +21,11 @@ The pipeline, one module per stage::
     baselines   random (several seeds), balanced random and RDS+ selections in the same format
     stages      one function per stage from files to files (the CLI and `qless run` call these)
     pipeline    every stage from one config (`qless run`), and the demo
+    compare     the paper's comparison: every selector -> LoRA fine-tune -> evaluation (`qless compare`)
+    report_html the comparison's report and self-contained HTML pages of reports
 
 The public API: the configs, one function per stage (``warmup``, ``extract``, ``score``,
-``select``, ``train``, the baselines, ``write_report``, ``run``, ``demo``, ``build_benchmark``) and the store
+``select``, ``train``, the baselines, ``write_report``, ``run``, ``demo``, ``compare``, ``build_benchmark``) and the store
 (``Datastore``). Names are imported on first use, so ``import qless`` stays light.
 """
 
@@ -62,6 +64,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "write_report": ("qless.report", "write_report"),
     "run": ("qless.pipeline", "run"),
     "demo": ("qless.pipeline", "demo"),
+    "CompareConfig": ("qless.compare", "CompareConfig"),
+    "compare": ("qless.compare", "compare"),
     "random_baseline": ("qless.baselines", "random_baseline"),
     "balanced_baseline": ("qless.baselines", "balanced_baseline"),
     "rds_baseline": ("qless.baselines", "rds_baseline"),

@@ -207,7 +207,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def _cmd_report(ns: argparse.Namespace) -> int:
     from qless.pipeline import run_report
 
-    print(f"report: {run_report(ns.run_dir) / 'report.md'}")
+    folder = run_report(ns.run_dir)
+    print(f"report: {folder / 'report.md'} and {folder / 'report.html'} (one self-contained page)")
     return 0
 
 
@@ -240,6 +241,33 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
                       from_args(DataConfig, ns))
     print("\n".join(headline(report)))
     print(f"{Path(ns.out) / 'eval.json'}  ({report['wall_seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from qless.compare import compare, fmt_stat, load_compare_config
+    from qless.config import merge, parse_overrides, to_dict
+
+    flags = {name: getattr(ns, name) for name in ("benchmark", "out", "targets", "settings", "seeds", "percents", "base_model")
+             if getattr(ns, name, None) is not None}
+    overrides = list(ns.overrides)
+    for name, value in flags.items():  # a list flag swallows the overrides after it: give them back
+        if isinstance(value, list):
+            flags[name] = [v for v in value if "=" not in v]
+            overrides += [v for v in value if "=" in v]
+    cfg = load_compare_config(ns.config, ns.preset, merge(parse_overrides(overrides), flags))
+    if ns.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    result = compare(cfg)
+    targets = result["targets"]
+    print(f"{'setting':34s} {'%':>5s} " + " ".join(f"{t:>13s}" for t in targets) + f" {'average':>13s}")
+    for row in ([result["base"]] if result["base"] else []) + result["rows"]:
+        print(f"{row['label'][:34]:34s} {row.get('percent', 0):5g} " +
+              " ".join(f"{fmt_stat(row['tasks'][t]):>13s}" for t in targets) + f" {fmt_stat(row['average']):>13s}")
+    print(f"\nreport: {Path(cfg.out) / 'compare.html'}  (table: {Path(cfg.out) / 'compare.md'})")
     return 0
 
 
@@ -474,6 +502,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p, EvaluateConfig)
     _COMMANDS["evaluate"] = _cmd_evaluate
+
+    p = _subcommand(sub, "compare", "the QLESS paper's comparison on a benchmark: for each selector (random, balanced, "
+                    "RDS+, LESS, QLESS formats) and target, a selection, a LoRA fine-tune on it and an evaluation; "
+                    "compare.json, compare.md, compare.html (resumes)",
+                    "qless compare --benchmark runs/demo/benchmark --out runs/compare --preset cpu "
+                    "--settings random rds fp16 absmean4 sign1 --seeds 0 1 evaluate.limit=5")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.FIELD=VALUE",
+                   help="settings over the file's, in one block before or after the flags, e.g. evaluate.limit=5 "
+                   "train.epochs=1 'percents=[1, 5]'")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file with CompareConfig fields (benchmark, settings, "
+                   "model, train, evaluate, ...)")
+    p.add_argument("--preset", choices=presets, default=None, help="settings under the file's (default: the file's "
+                   "preset key, else paper)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print it resolved, without running")
+    from qless.compare import CompareConfig
+
+    add_arguments(p, CompareConfig)
+    _COMMANDS["compare"] = _cmd_compare
 
     p = _subcommand(sub, "report", "write the report of a finished run again (plots and report.md)",
                     "qless report runs/demo")

@@ -9,7 +9,8 @@ From a run's scores (one folder per store format) and selections it draws:
 * ``bits.png``: for each format, bytes per row against agreement with the reference format's
   scores (Spearman rank correlation and top-p% overlap), per task;
 
-and writes ``report.md`` with the same numbers as tables, and ``report.json``.
+and writes ``report.md`` with the same numbers as tables, ``report.html`` (the same page with the plots
+embedded: one file, :mod:`qless.report_html`), and ``report.json``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def write_report(out_dir: str | Path, scores_dirs: Mapping[str, Path], primary: 
         _write_report(tmp, scores_dirs, primary, selections, random_selection, percent, k, source_groups)
         if fidelity_dir is not None and (fidelity_dir / "fidelity.json").is_file():
             _fidelity_section(tmp, fidelity_dir)
-    log.info("report written to %s", out_dir / "report.md")
+        from qless.report_html import write_page
+
+        write_page(tmp / "report.md", tmp / "report.html", "qless report")  # the same page, self-contained
+    log.info("report written to %s and report.html", out_dir / "report.md")
     return out_dir
 
 
