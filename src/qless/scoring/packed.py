@@ -3,8 +3,9 @@
 Decode-then-multiply (:func:`qless.scoring.cosine.block_scores` after
 :func:`qless.quantize.decode_codes`) writes ``4 k`` bytes of float32 per row, then multiplies in
 float32. The kernels here (sign1, absmax/absmean at 2, 4 and 8 bits) keep the codes as 8-bit
-integers and do the arithmetic in int8 x int8 -> int32, which CPUs with VNNI run about four
-times as fast per element as float32:
+integers and do the arithmetic in int8 x int8 -> int32 (``torch._int_mm``; VNNI dot products
+on x86), several times as fast per element as float32, so that even three int8 digits per
+query entry cost less than one float32 product:
 
 * **unpack**: the ``8 / b`` codes of each byte are split into planes by shifts and masks on
   64-bit words, ``k`` bytes per row: position ``i * row_bytes + j`` holds coordinate
