@@ -43,8 +43,8 @@ table { border-collapse: collapse; margin: .8em 0 1.2em; font-size: 13px; }
 th, td { border: 1px solid #c8c8c8; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; height: auto; display: block; margin: .6em 0; }
-p:has(> img + img) { display: flex; gap: 10px; align-items: flex-start; }  /* one figure per target, side by side */
-p:has(> img + img) > img { flex: 1 1 0; min-width: 0; }
+p:has(> img + img) { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }  /* per-target figures, two a row */
+p:has(> img + img) > img { flex: 0 1 49%; min-width: 0; }
 code { background: #f3f3f3; padding: 0 3px; }
 .example { border: 1px solid #ddd; border-radius: 4px; padding: 6px 10px; margin: 6px 0; font-size: 12.5px;
            white-space: normal; background: #fcfcfc; }
@@ -92,9 +92,12 @@ def _example_html(text: str, meta: str) -> str:
     return f'<div class="example"><div class="meta">{html.escape(meta)}</div>{body}</div>'
 
 
-def example_text(messages: Sequence[tuple[str, str]], limit: int = 700) -> str:
+def example_text(messages: Sequence[tuple[str, str]], limit: int = 800) -> str:
+    """An example's turns as text; past ``limit`` characters, its beginning and end (a question
+    after a long passage stays visible)."""
     text = "\n".join(f"[{role}] {content}" for role, content in messages)
-    return text if len(text) <= limit else text[:limit] + " [...]"
+    half = limit // 2
+    return text if len(text) <= limit else f"{text[:half]} [...] {text[-half:]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +128,11 @@ def bin_occupancy(store: Any, max_rows: int = 4096) -> dict[str, Any]:
         keep = codes != 0
         codes, counts = codes[keep], counts[keep]
     return {"codes": codes.tolist(), "share": (counts / counts.sum()).tolist(), "coordinates": int(counts.sum()), "rows": seen}
+
+
+def _count(n: float) -> str:
+    """A count, or a mean count over seeds to one decimal."""
+    return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
 
 
 def jaccard(a: set, b: set) -> float:
@@ -170,9 +178,12 @@ def plot_sweep(path: Path, rows: Sequence[Mapping[str, Any]], targets: Sequence[
             y = [100 * s["mean"] for _, s in pts if s["mean"] is not None]
             err = [100 * (s["std"] or 0) for _, s in pts if s["mean"] is not None]
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=setting)
+        percents = sorted({r["percent"] for r in rows})
         ax.set_xscale("log")
-        ax.set(title=panel, xlabel="selected % of the pool (log)", ylabel="metric (%)")
-    axes[0][-1].legend(fontsize=7, ncol=1, loc="best")
+        ax.set_xticks(percents, labels=[f"{p:g}" for p in percents])
+        ax.minorticks_off()
+        ax.set(title=panel, xlabel="selected % of the pool (log scale)", ylabel="metric (%)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 
@@ -210,11 +221,11 @@ def plot_composition(path: Path, title: str, pool: Mapping[str, int], selections
         for i, s in enumerate(sources):
             share = selections[c].get(s, 0) / n
             ratio[i, j] = np.log2(max(share, 1e-9) / (pool[s] / total_pool))
-    fig, ax = plt.subplots(figsize=(0.75 * len(cols) + 3.5, 0.3 * len(sources) + 1.8))
+    fig, ax = plt.subplots(figsize=(0.7 * len(cols) + 3.5, 0.25 * len(sources) + 1.8))
     im = ax.imshow(np.clip(ratio, -3, 3), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
     for (i, j), _ in np.ndenumerate(ratio):
         count = selections[cols[j]].get(sources[i], 0)
-        ax.text(j, i, f"{count:g}" if count == int(count) else f"{count:.1f}", ha="center", va="center", fontsize=6.5)
+        ax.text(j, i, _count(count), ha="center", va="center", fontsize=6.5)
     ax.set_xticks(range(len(cols)), labels=cols, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(sources)), labels=[f"{groups[s]}: {s}" if s in groups else s for s in sources], fontsize=7.5)
     ax.set_title(title, fontsize=10)
@@ -377,25 +388,26 @@ class CompareReport:
               "Colour: log2 of a source's share in the selection over its share in the pool (red: over-represented, "
               "blue: under-represented); numbers: examples selected (the mean over seeds for random and balanced).\n"]
         pool_counts = Counter(e.source for e in self.pool)
-        figures = []
+        figures, counts = [], {}
+        seeds = len(self.r["config"]["seeds"])
         for t in self.tnames:
             cols: dict[str, Counter] = {}
             for name, folder in self._selections(t).items():
-                col = name.split(" ")[0]
-                cols.setdefault(col, Counter()).update(Counter(r["source"] for r in _ranking(folder)))
-            seeds = len(self.r["config"]["seeds"])
-            shares = {c: {s: n / (seeds if c in ("random", "balanced") else 1) for s, n in cnt.items()} for c, cnt in cols.items()}
+                cols.setdefault(name.split(" ")[0], Counter()).update(Counter(r["source"] for r in _ranking(folder)))
+            counts[t] = {c: {s: n / (seeds if c in ("random", "balanced") else 1) for s, n in cnt.items()} for c, cnt in cols.items()}
             figures.append(self.image(plot_composition(self.fig / f"composition_{t}.png", f"{t}: selected against the pool",
-                                                       pool_counts, shares, self.groups), f"composition {t}"))
-        md.append(" ".join(x.strip() for x in figures) + "\n")  # one paragraph: side by side in the page
+                                                       pool_counts, counts[t], self.groups), f"composition {t}").strip())
+        md.append("\n\n".join(figures) + "\n")  # one figure a row: a column per setting, a row per source
         if self.groups:
             kinds = sorted(set(self.groups.values()))
-            md += ["| target | setting | " + " | ".join(f"{k} (pool {sum(n for s, n in pool_counts.items() if self.groups.get(s) == k)})"
-                                                        for k in kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+            share = {k: sum(n for s, n in pool_counts.items() if self.groups.get(s) == k) / len(self.pool) for k in kinds}
+            md += ["Examples selected from each kind of pool source, and its share of the pool:\n",
+                   "| target | setting | " + " | ".join(f"{k} ({share[k]:.0%} of the pool)" for k in kinds) + " |",
+                   "|---|---|" + "---|" * len(kinds)]
             for t in self.tnames:
-                for name, folder in self._selections(t).items():
-                    c = Counter(self.groups.get(r["source"], "other") for r in _ranking(folder))
-                    md.append(f"| {t} | {name} | " + " | ".join(str(c.get(k, 0)) for k in kinds) + " |")
+                for name, cnt in counts[t].items():
+                    by_kind = {k: sum(n for s, n in cnt.items() if self.groups.get(s) == k) for k in kinds}
+                    md.append(f"| {t} | {name} | " + " | ".join(_count(by_kind[k]) for k in kinds) + " |")
             md.append("")
         return "\n".join(md)
 
@@ -488,9 +500,10 @@ class CompareReport:
             md += [f"Which subtask chose each of the {len(ranking)} selected examples (the subtask with the highest "
                    "score):\n", "| subtask | examples chosen |", "|---|---|"]
             md += [f"| {name} | {n} |" for name, n in counts.most_common()]
-            md += ["", "| rank | source | id | score | chosen by subtask |", "|---|---|---|---|---|"]
-            md += [f"| {x['rank']} | {x['source']} | {x['id']} | {x['score']:.4f} | {c} |" for x, c in zip(ranking[:15], chosen)]
-            md.append("")
+            md += ["", f"<details><summary>each selected example and the subtask that chose it ({t})</summary>", "",
+                   "| rank | source | id | score | chosen by subtask |", "|---|---|---|---|---|"]
+            md += [f"| {x['rank']} | {x['source']} | {x['id']} | {x['score']:.4f} | {c} |" for x, c in zip(ranking, chosen)]
+            md += ["", "</details>", ""]
         return "\n".join(md)
 
     def provenance(self) -> str:
