@@ -306,16 +306,20 @@ def _bar_and_log_output(tmp_path, capsys, monkeypatch, *flags):
 
     import qless.scoring.driver as driver
 
-    real = driver.block_scores
+    real = driver.block_scorer
     calls = {"n": 0}
 
-    def logs_mid_bar(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            logging.getLogger("qless.scoring").warning("a message in the middle of the bar")
-        return real(*a, **kw)
+    def scorer_that_logs_mid_bar(*a, **kw):
+        scorer = real(*a, **kw)
 
-    monkeypatch.setattr(driver, "block_scores", logs_mid_bar)
+        def scores(codes):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                logging.getLogger("qless.scoring").warning("a message in the middle of the bar")
+            return scorer(codes)
+        return scores
+
+    monkeypatch.setattr(driver, "block_scorer", scorer_that_logs_mid_bar)
     out = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
     assert main([*flags, "score", "--pool", str(tmp_path / "pool"), "--target", str(tmp_path / "target"),
                  "--out", str(out), "--block-rows", "5"]) == 0

@@ -33,9 +33,13 @@ def _fields(kind):
                 yield pytest.param(cls, f.name, tp, id=f"{cls.__name__}.{f.name}")
 
 
-def _minimal(cls) -> dict:
-    """Fields without which a config cannot be built at all."""
-    return {"pool": ("p.jsonl",), "targets": ("t.jsonl",)} if cls.__name__ == "RunConfig" else {}
+def _minimal(cls, name: str = "") -> dict:
+    """Fields without which a config cannot be built at all (LoRIF-only scoring fields need its method)."""
+    if cls.__name__ == "RunConfig":
+        return {"pool": ("p.jsonl",), "targets": ("t.jsonl",)}
+    if cls.__name__ == "ScoreConfig" and name in ("normalize", "curvature", "damping"):
+        return {"method": "lorif"}
+    return {}
 
 
 def test_every_stage_config_is_checked():
@@ -49,9 +53,9 @@ def test_unknown_choice_is_refused_not_replaced(cls, name, tp):
     """An unknown choice used to fall back silently (random selection, mean aggregation, linear
     schedule, float32 projection); now every Literal is checked when the config is built."""
     with pytest.raises(ConfigError, match=rf"{cls.section}\.{name}: 'bogus' is not one of"):
-        cls(**_minimal(cls), **{name: "bogus"})
+        cls(**_minimal(cls, name), **{name: "bogus"})
     for choice in get_args(tp):
-        assert getattr(cls(**_minimal(cls), **{name: choice}), name) == choice
+        assert getattr(cls(**_minimal(cls, name), **{name: choice}), name) == choice
 
 
 @pytest.mark.parametrize("cls,name,tp", list(_fields(lambda tp: tp is float)))
