@@ -370,7 +370,7 @@ def test_config_checks() -> None:
 # ---------------------------------------------------------------- the BBH evaluation set
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bigbench") is None, reason="needs bigbench (requirements-assets.txt)")
+@pytest.mark.skipif(importlib.util.find_spec("bigbench") is None, reason="needs the optional bigbench package (README: qless evaluate)")
 @requires_assets
 def test_bbh_eval_set_from_bigbench_is_clear_of_exemplars() -> None:
     from qless.embedded import heldout

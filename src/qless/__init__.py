@@ -16,9 +16,9 @@ The pipeline, one module per stage::
     lorif/      LoRIF: rank-c factor rows, rank-r curvature (fit-curvature), influence scoring
     selection   top p% (or random baseline) written in the pool's own format
     evaluate/   target-task metrics of a model or adapter (lm-evaluation-harness) and held-out answer loss
-    report      plots: score distributions, selection composition, bit-width trade-off
     represent   base-model hidden states (RDS+), forward passes only, in the datastore format
     baselines   random (several seeds), balanced random and RDS+ selections in the same format
+    report      plots: score distributions, selection composition, bit-width trade-off
     stages      one function per stage from files to files (the CLI and `qless run` call these)
     pipeline    every stage from one config (`qless run`), and the demo
     compare     the paper's comparison: every selector -> LoRA fine-tune -> evaluation (`qless compare`)
@@ -45,8 +45,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WarmupConfig": ("qless.training", "WarmupConfig"),
     "TrainConfig": ("qless.training", "TrainConfig"),
     "EvaluateConfig": ("qless.evaluate", "EvaluateConfig"),
-    "ProjectionConfig": ("qless.project", "ProjectionConfig"),
     "RepresentConfig": ("qless.represent", "RepresentConfig"),
+    "ProjectionConfig": ("qless.project", "ProjectionConfig"),
     "ExtractConfig": ("qless.extraction", "ExtractConfig"),
     "ScoreConfig": ("qless.scoring", "ScoreConfig"),
     "CurvatureConfig": ("qless.lorif.curvature", "CurvatureConfig"),
@@ -61,14 +61,14 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "select": ("qless.stages", "run_select"),
     "train": ("qless.stages", "run_train"),
     "evaluate": ("qless.evaluate", "evaluate"),
+    "random_baseline": ("qless.baselines", "random_baseline"),
+    "balanced_baseline": ("qless.baselines", "balanced_baseline"),
+    "rds_baseline": ("qless.baselines", "rds_baseline"),
     "write_report": ("qless.report", "write_report"),
     "run": ("qless.pipeline", "run"),
     "demo": ("qless.pipeline", "demo"),
     "CompareConfig": ("qless.compare", "CompareConfig"),
     "compare": ("qless.compare", "compare"),
-    "random_baseline": ("qless.baselines", "random_baseline"),
-    "balanced_baseline": ("qless.baselines", "balanced_baseline"),
-    "rds_baseline": ("qless.baselines", "rds_baseline"),
     # the store
     "Datastore": ("qless.store", "Datastore"),
     "QlessError": ("qless.errors", "QlessError"),

@@ -271,8 +271,9 @@ def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
                               f"`qless data build --out {bench}`")
     for t in cfg.targets:
         if not eval_file(bench, t, cfg.evaluate.mmlu_split).is_file():
-            hint = " (BBH's needs the optional bigbench package: pip install --no-deps bigbench==1.0.0, then build again)" \
-                if t == "bbh" else ""
+            from qless.embedded.heldout import BIGBENCH_HINT
+
+            hint = f" (BBH's needs the optional bigbench package: {BIGBENCH_HINT}, then build again)" if t == "bbh" else ""
             raise ConfigError(f"compare.targets: {t} has no evaluation set, {eval_file(bench, t, cfg.evaluate.mmlu_split)}"
                               f"{hint}; or leave {t} out of the targets")
     if importlib.util.find_spec("lm_eval") is None:

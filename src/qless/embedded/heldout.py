@@ -225,7 +225,10 @@ def squad(n_subtasks: int) -> tuple[HeldOut, HeldOut, list[Item]]:
 
 BIGBENCH = ("bigbench", "1.0.0")
 """The optional asset that holds BIG-bench's task files: (distribution, version)."""
-BIGBENCH_HINT = f"pip install --no-deps {BIGBENCH[0]}=={BIGBENCH[1]}"
+# pip refuses to install this PyPI sdist by name (it declares a direct URL dependency), but
+# installs the same file once downloaded
+BIGBENCH_HINT = (f"pip download --no-deps {BIGBENCH[0]}=={BIGBENCH[1]} -d assets && "
+                 f"pip install --no-deps assets/{BIGBENCH[0]}-{BIGBENCH[1]}.tar.gz")
 BBH_EVAL_PER_TASK = 250
 """BBH's evaluation size: 250 questions drawn from each BIG-bench task (fewer where it has fewer)."""
 

@@ -180,7 +180,7 @@ def write_bbh(bench: Path, folder: Path, *, limit: int, max_new_tokens: int) -> 
     if not source.is_file():
         raise DataError(
             f"{source}: no BBH evaluation set in the benchmark. It is rebuilt from BIG-bench's task files, which the "
-            f"optional bigbench package ships: `{BIGBENCH_HINT}` (or `pip install --no-deps -r requirements-assets.txt`), "
+            f"optional bigbench package ships: `{BIGBENCH_HINT}`, "
             f"then `qless data build --out {bench}` again; or leave bbh out with --tasks mmlu squad"
         )
     rows = first_per_subtask(read_rows(source, ("prompt", "completion", "subtask", "input", "target"),
