@@ -17,8 +17,10 @@ query entry cost less than one float32 product:
 * **product**: one ``torch._int_mm`` of the unpacked codes with the ``DIGITS * S`` digit
   columns, exact in int32; the digits are combined in float64 and the code offset (the stored
   value ``u`` is ``(x + zero) / step``) is added back through the columns' sums.
-* **norm**: ``||x||^2`` is an integer computed exactly from the bytes (``k`` for sign; bit
-  counts for 2-bit; an int16 pass for 4 and 8 bits), then ``sqrt`` in float64.
+* **norm**: ``||x||^2`` is an integer computed exactly (``k`` for sign; the squares summed by an
+  int8 matmul with a column of ones at 2 and 4 bits; an int16 pass at 8 bits), then ``sqrt`` in
+  float64. Few, large torch ops per block: on a CPU shared with other work every parallel op
+  can wait a scheduler tick for its threads, so op count matters as much as arithmetic.
 
 The only approximation is the query's residual ``r = q - sum_d s_d Q_d``: a score moves by
 ``<x, r_c> / ||x||``, at most ``||r_c|| <= sqrt(k) max|q_c| / (2 * 127 * 254^2)`` (Cauchy-Schwarz),
@@ -38,7 +40,7 @@ import torch
 
 DIGITS = 3  # int8 digits per query entry: 3 x 8 bits leave a residual at float32 precision (module docstring)
 _DIGIT_MAX = 127
-CHUNK_ROWS = 256  # rows squared at a time in int16 (4 and 8 bits): the temporaries stay in the CPU caches
+CHUNK_ROWS = 128  # rows squared at a time in int16 (8 bits): the temporaries stay in the CPU caches
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
 
@@ -47,13 +49,12 @@ class PackedQuery:
     """A subtask matrix ``[k, S]`` prepared for one packed format (built once per checkpoint).
 
     ``digits [k, DIGITS * S]`` int8 (rows in plane order, digit ``d`` in columns
-    ``d S .. (d + 1) S``); ``combine [DIGITS * S, S]`` float64 sums the digits' products with
-    their scales (``s_d`` of column ``c`` at row ``d S + c``, column ``c``); ``offset [S]`` (the
-    code shift times the columns' sums) and ``residual [S]`` (``||q_c - sum_d s_d Q_d||``, the
-    bound on each score's error), float64."""
+    ``d S .. (d + 1) S``); ``scales [DIGITS, S]`` the digits' scales times the format's code step;
+    ``offset [S]`` (the code shift times the columns' sums) and ``residual [S]``
+    (``||q_c - sum_d s_d Q_d||``, the bound on each score's error), float64."""
 
     digits: torch.Tensor
-    combine: torch.Tensor
+    scales: torch.Tensor
     offset: torch.Tensor
     residual: torch.Tensor
 
@@ -109,21 +110,6 @@ def plane_order(q: torch.Tensor, bits: int) -> torch.Tensor:
     return q.reshape(q.shape[0] // n, n, q.shape[1]).transpose(0, 1).reshape(q.shape)
 
 
-def _popcounts(x: torch.Tensor) -> torch.Tensor:
-    """Set bits of integer words ``x [..., W]`` summed over the last dim (int64 ``[...]``): SWAR counts
-    per pair, nibble and byte, the bytes of each word added by shifts (summing a uint8 view is 20
-    times slower)."""
-    m55, m33, m0f = (_repeat_byte(b, x) for b in (0x55, 0x33, 0x0F))
-    x = x - ((x >> 1) & m55)
-    x = (x & m33) + ((x >> 2) & m33)
-    x = (x + (x >> 4)) & m0f
-    shift = 8
-    while shift < 8 * x.element_size():
-        x = x + (x >> shift)
-        shift *= 2
-    return (x & 0xFF).sum(dim=-1)
-
-
 def split_digits(q: torch.Tensor, n_digits: int = DIGITS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q [k, S]`` float64 -> int8 digits ``[n_digits, k, S]``, their scales ``[n_digits, S]`` and
     the residual ``q - sum_d s_d Q_d``: round to nearest at ``s_1 = max|q_c| / 127``, then each
@@ -160,8 +146,7 @@ class IntegerCodes:
         # x = step * v + (step * shift - zero) on every coordinate
         offset = (self.step * self.shift - self.zero) * approx.sum(dim=0)
         planes = plane_order(digits.permute(1, 0, 2).reshape(k, -1), self.bits)
-        combine = torch.cat([torch.diag(scale) for scale in scales])
-        return PackedQuery(planes.contiguous(), combine, offset, torch.linalg.vector_norm(rest, dim=0))
+        return PackedQuery(planes.contiguous(), scales * self.step, offset, torch.linalg.vector_norm(rest, dim=0))
 
     def _codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Packed bytes -> the int8 matrix ``v`` of the product (plane order)."""
@@ -169,28 +154,27 @@ class IntegerCodes:
             return torch.bitwise_xor(codes, 0x80).view(torch.int8)
         return unpack_planes(codes, self.bits).view(torch.int8)
 
-    def _square_sums(self, codes: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _square_sums(self, v: torch.Tensor) -> torch.Tensor:
         """``||x||^2`` of every row (int64 ``[m]``), exact: the decoded row's squared norm."""
         m, k = v.shape
         if self.bits == 1:  # every coordinate is +-1
             return torch.full((m,), k, dtype=torch.int64)
-        if self.bits == 2:  # u = b0 + 2 b1, x = u - 1: x^2 = 1 - b0 + 4 b0 b1
-            w = _words(codes)
-            low = _repeat_byte(0x55, w)
-            sq = k - _popcounts(w & low)
-            threes = w & (w >> 1) & low  # u = 3 (x = 2): never written by the quantizers, decoded all the same
-            return sq + 4 * _popcounts(threes) if bool(threes.any()) else sq
+        if self.bits < 8:  # x = u - alpha and x^2 <= 64 fit int8: one more int8 matmul sums the squares
+            x = v.sub(self.zero)
+            return torch._int_mm(x.mul_(x), torch.ones(k, 1, dtype=torch.int8)).view(m).to(torch.int64)
         sq = torch.empty(m, dtype=torch.int64)
-        for a in range(0, m, CHUNK_ROWS):  # x = step * v + step * shift - zero, squared in int16 (|x| <= 128)
-            x = v[a:a + CHUNK_ROWS].to(torch.int16).mul_(self.step).add_(self.step * self.shift - self.zero)
+        for a in range(0, m, CHUNK_ROWS):  # x = v + 1 (|x| <= 128), squared in int16
+            x = v[a:a + CHUNK_ROWS].to(torch.int16).add_(self.shift - self.zero)
             sq[a:a + CHUNK_ROWS] = x.mul_(x).sum(dim=1, dtype=torch.int64)
         return sq
 
     def scores(self, codes: torch.Tensor, query: PackedQuery) -> tuple[torch.Tensor, torch.Tensor]:
         codes = codes.reshape(codes.shape[0], -1).contiguous()
         v = self._codes(codes)
-        dots = torch.addmm(query.offset, torch._int_mm(v, query.digits).to(torch.float64), query.combine, alpha=self.step)
-        sq = self._square_sums(codes, v)
+        n_digits, s = query.scales.shape
+        acc = torch._int_mm(v, query.digits).view(-1, n_digits, s).to(torch.float64)
+        dots = acc.mul_(query.scales).sum(dim=1).add_(query.offset)
+        sq = self._square_sums(v)
         zero = sq == 0
         dots /= torch.where(zero, 1, sq).to(torch.float64).sqrt_()[:, None]
         dots[zero] = 0.0
