@@ -9,30 +9,20 @@ import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama
 from qless.errors import ConfigError
-from qless.gradients import IGNORE_INDEX, PerExampleGradients, per_example_gradients_loop
+from qless.gradients import PerExampleGradients, per_example_gradients_loop
 from qless.project import ProjectionConfig
 from qless.project.logra import logra_reference, plan_factors
-from utils import BF16_RTOL, FLOAT32_RTOL, FLOAT64_RTOL
+from utils import BF16_RTOL, FLOAT32_RTOL, FLOAT64_RTOL, labelled_batch, lora_model
 
 VOCAB = 320
 
 
 def _lora(model: torch.nn.Module, targets: list[str], dtype: torch.dtype, **kw) -> peft.PeftModel:
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False, **kw)
-    torch.manual_seed(1)
-    return peft.get_peft_model(model, cfg).to(dtype).eval()
+    return lora_model(model, targets, dtype, **kw)
 
 
 def _batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    bsz, t = len(lengths), max(lengths)
-    ids = torch.randint(0, VOCAB, (bsz, t), generator=gen)
-    mask = torch.zeros(bsz, t, dtype=torch.long)
-    labels = torch.full((bsz, t), IGNORE_INDEX)
-    for b, n in enumerate(lengths):
-        mask[b, :n] = 1
-        labels[b, n // 3:n] = ids[b, n // 3:n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return labelled_batch(lengths, VOCAB, label_from=3, seed=seed)
 
 
 def _reference(fast: PerExampleGradients, cfg: ProjectionConfig, full: torch.Tensor) -> np.ndarray:

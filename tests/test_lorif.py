@@ -9,32 +9,21 @@ import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama
 from qless.errors import ModelError
-from qless.gradients import IGNORE_INDEX
 from qless.lorif.capture import LayerCapture, capture_layers
 from qless.lorif.factors import FactorLayout, factor_apply, factor_inner, factorize
 from qless.project import ProjectionConfig
 from qless.project.logra import logra_reference
-from utils import FLOAT32_RTOL, FLOAT64_RTOL, layer_gradients
+from utils import FLOAT32_RTOL, FLOAT64_RTOL, labelled_batch, layer_gradients, lora_model
 
 VOCAB = 320
 
 
 def _lora(model: torch.nn.Module, targets: list[str], dtype: torch.dtype = torch.float64) -> peft.PeftModel:
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
-    torch.manual_seed(1)
-    return peft.get_peft_model(model, cfg).to(dtype).eval()
+    return lora_model(model, targets, dtype)
 
 
 def _batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    bsz, t = len(lengths), max(lengths)
-    ids = torch.randint(0, VOCAB, (bsz, t), generator=gen)
-    mask = torch.zeros(bsz, t, dtype=torch.long)
-    labels = torch.full((bsz, t), IGNORE_INDEX)
-    for b, n in enumerate(lengths):
-        mask[b, :n] = 1
-        labels[b, n // 2:n] = ids[b, n // 2:n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return labelled_batch(lengths, VOCAB, label_from=2, seed=seed)
 
 
 def _projected_reference(cap: LayerCapture, model, batch) -> np.ndarray:

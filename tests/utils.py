@@ -404,3 +404,28 @@ def layer_gradients(model, names: list[str], batch) -> np.ndarray:
         grads = torch.autograd.grad(loss, weights)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows).numpy()
+
+
+def lora_model(model, targets: list[str], dtype=torch.float64, **kw):
+    """LoRA r=4 without dropout and with random (not zero) lora_B, so both factors have gradients."""
+    import peft
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False, **kw)
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, cfg).to(dtype).eval()
+
+
+def labelled_batch(lengths: list[int], vocab: int, label_from: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded random batch; example b has lengths[b] tokens, labels on its last
+    ``n - n // label_from`` tokens (the prompt before them takes no loss)."""
+    from qless.gradients import IGNORE_INDEX
+
+    gen = torch.Generator().manual_seed(seed)
+    bsz, t = len(lengths), max(lengths)
+    ids = torch.randint(0, vocab, (bsz, t), generator=gen)
+    mask = torch.zeros(bsz, t, dtype=torch.long)
+    labels = torch.full((bsz, t), IGNORE_INDEX)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        labels[b, n // label_from:n] = ids[b, n // label_from:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
