@@ -217,6 +217,54 @@ def test_settings_parse_and_label():
     s = Setting.parse("sign1@nf4")
     assert (s.kind, s.format, s.precision, s.label) == ("gradient", "sign1", "nf4", "QLESS sign 1-bit, nf4 model")
     assert Setting.parse("random").seeded and not Setting.parse("rds").seeded
+    for text, name, fmt, precision in (("lorif", "lorif", "fp16", "none"), ("lorif-fp16", "lorif", "fp16", "none"),
+                                       ("lorif-sign1@int8", "lorif-sign1@int8", "sign1", "int8")):
+        s = Setting.parse(text)
+        assert (s.name, s.kind, s.format, s.precision, s.stored) == (name, "lorif", fmt, precision, True)
+    assert Setting.parse("lorif-absmax8").label == "LoRIF (absmax8 factors)"
+    with pytest.raises(ConfigError, match="lorif-bogus"):
+        Setting.parse("lorif-bogus")
+
+
+def test_compare_lorif_rows(tmp_path, tiny_model_dir, monkeypatch):
+    """LoRIF as settings of the comparison: its own extraction of plain-gradient factor stores, a curvature per
+    format, influence scores equal to `qless score --method lorif` on them, and rows in the table."""
+    pytest.importorskip("lm_eval")
+    from qless.scoring import read_scores
+    from qless.stages import run_score
+
+    bench, out = toy_benchmark(tmp_path / "bench"), tmp_path / "cmp"
+    args = _args(bench, out, tiny_model_dir, "--settings", "fp16", "lorif", "lorif-sign1", "--targets", "squad",
+                 "--percents", "10", "--no-base-model", "warmup.epochs=1", "lorif.side=8", "lorif.rank=2",
+                 "curvature.rank=6", "lorif.normalize=cosine")
+    assert main(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["setting"]: r for r in result["rows"]}
+    assert set(rows) == {"fp16", "lorif", "lorif-sign1"}
+    for name, fmt in (("lorif", "fp16"), ("lorif-sign1", "sign1")):
+        row = rows[name]
+        assert row["kind"] == "lorif" and 0 <= row["tasks"]["squad"]["mean"] <= 1
+        assert row["seconds"]["curvature"] > 0 and row["seconds"]["extraction"] > 0
+        grads = out / "lorif" / "none" / "grads" / fmt
+        manifest = json.loads((grads / "pool" / "checkpoint-1" / "manifest.json").read_text())
+        assert manifest["projection"]["kind"] == "lorif" and manifest["gradient"] == "sgd"
+        curvature = out / "lorif" / "none" / "curvature" / fmt
+        assert json.loads((curvature / "checkpoint-1" / "curvature.json").read_text())["rank"] == 6
+        scores, values, _ = read_scores(out / "scores" / name)
+        assert scores["config"]["method"] == "lorif" and scores["config"]["normalize"] == "cosine"
+        from qless.config import from_dict
+        from qless.scoring import ScoreConfig
+
+        again = run_score([grads / "pool"], [grads / "squad"], tmp_path / f"again-{name}",
+                          from_dict(ScoreConfig, scores["config"], "scores"), progress=False)
+        assert (read_scores(again["path"])[1] == values).all()
+    # bytes per example: 12 layers... whatever the layout, c (k_out + k_in) numbers per layer, fewer at 1 bit
+    assert 0 < rows["lorif-sign1"]["bytes_per_example"] < rows["lorif"]["bytes_per_example"]
+    # the LESS store of the same run is untouched by the LoRIF pass, and the page names LoRIF's settings
+    assert json.loads((out / "grads" / "none" / "fp16" / "pool" / "checkpoint-1" / "manifest.json").read_text())[
+        "gradient"] == "adam"
+    page = (out / "compare.html").read_text()
+    assert "LoRIF (fp16 factors)" in page and "rank-2 factors" in page
 
 
 def test_statistics_by_hand():

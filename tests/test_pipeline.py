@@ -179,3 +179,59 @@ def test_cli_run_and_report(tmp_path, tiny_model_dir, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (report / "report.md").read_text() == before
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_run_with_lorif_fits_the_curvature_scores_and_reuses_it(tmp_path, tiny_model_dir, monkeypatch):
+    """`qless run` with LoRIF factor stores: the curvature is fitted per format into RUN/curvature, the
+    scores equal `--method lorif` on the same stores and curvature, and a second run reuses it."""
+    from qless.lorif import curvature as curv_mod
+    from qless.scoring import read_scores
+    from qless.stages import run_score
+
+    cfg = _config(tmp_path, tiny_model_dir, projection={"kind": "lorif", "dim": 8, "rank": 2},
+                  extract={"formats": ["fp32", "absmax8"], "chunk_size": 16, "pool_gradient": "sgd"},
+                  score={"method": "lorif", "curvature": "fit"}, curvature={"rank": 6}, select_format="fp32")
+    run(build_run_config(cfg, preset="cpu"), progress=False)
+    run_dir = tmp_path / "run"
+    for tag in ("fp32", "absmax8"):
+        meta = json.loads((run_dir / "curvature" / tag / "checkpoint-1" / "curvature.json").read_text())
+        assert meta["rank"] == 6 and meta["fitted_on"]["set"] == "pool"
+        manifest, values, _ = read_scores(run_dir / "scores" / tag)
+        assert manifest["config"]["method"] == "lorif" and manifest["config"]["curvature"] == str(run_dir / "curvature" / tag)
+        # the same scores through the scoring stage on its own
+        again = run_score([run_dir / "grads" / tag / "pool"], [run_dir / "grads" / tag / t for t in ("mmlu", "qa")],
+                          tmp_path / f"again-{tag}", replace_cfg(manifest["config"]), progress=False)
+        assert (read_scores(again["path"])[1] == values).all()
+    assert len(list((run_dir / "selected" / "mmlu").glob("selected.jsonl"))) == 1
+
+    fits: list[int] = []
+    real = curv_mod.fit_curvature
+    monkeypatch.setattr(curv_mod, "fit_curvature", lambda *a, **k: fits.append(1) or real(*a, **k))
+    before = _mtimes(run_dir / "curvature")
+    run(build_run_config(cfg, preset="cpu"), progress=False)
+    assert fits == [] and _mtimes(run_dir / "curvature") == before
+    # another curvature rank fits again, and the scores follow it
+    old_scores = read_scores(run_dir / "scores" / "fp32")[1].copy()
+    run(build_run_config({**cfg, "curvature": {"rank": 2}}, preset="cpu"), progress=False)
+    assert len(fits) == 4  # two formats x two checkpoints
+    assert json.loads((run_dir / "curvature" / "fp32" / "checkpoint-1" / "curvature.json").read_text())["rank"] == 2
+    assert not (read_scores(run_dir / "scores" / "fp32")[1] == old_scores).all()
+
+
+def replace_cfg(config):
+    from qless.config import from_dict
+    from qless.scoring import ScoreConfig
+
+    return from_dict(ScoreConfig, config, "scores manifest")
+
+
+def test_lorif_run_settings_are_checked_together(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="score.method lorif"):
+        build_run_config(_config(tmp_path, tiny_model_dir, projection={"kind": "lorif", "dim": 8},
+                                 extract={"formats": ["fp32"], "pool_gradient": "sgd"}), preset="cpu")
+    with pytest.raises(ConfigError, match="set both or neither"):
+        build_run_config(_config(tmp_path, tiny_model_dir, score={"method": "lorif"}), preset="cpu")
+    with pytest.raises(ConfigError, match="fit .*or none"):
+        build_run_config(_config(tmp_path, tiny_model_dir, projection={"kind": "lorif", "dim": 8},
+                                 extract={"formats": ["fp32"], "pool_gradient": "sgd"}, select_format="fp32",
+                                 score={"method": "lorif", "curvature": str(tmp_path)}), preset="cpu")

@@ -13,6 +13,10 @@ Settings:
   by the scores of the gradient stores in that format; ``FORMAT@int8`` or ``FORMAT@nf4`` extracts the
   gradients with the base model loaded in 8 or 4 bits (the paper's Table 2). Every format of one model
   precision comes from one extraction pass at the checkpoints of one shared warmup.
+* ``lorif`` or ``lorif-FORMAT`` (``@int8`` / ``@nf4`` as above): LoRIF influence (:mod:`qless.lorif`) from rank-c
+  factor stores of plain gradients (the ``lorif`` section: side, rank c, layers, normalization), preconditioned by
+  the rank-r curvature fitted on the pool store (the ``curvature`` section); ``lorif`` keeps fp16 factors,
+  ``lorif-sign1`` etc. quantized ones. Every LoRIF format of one precision comes from one more extraction pass.
 
 The base model without fine-tuning is evaluated too, as a reference row. Everything goes under
 ``OUT``, and every finished piece is reused by the next run (it resumes after a kill)::
@@ -21,6 +25,7 @@ The base model without fine-tuning is evaluated too, as a reference row. Everyth
     OUT/warmup/                        the shared LoRA warmup (qless.training)
     OUT/grads/<precision>/<format>/... gradient stores per base-model precision (none, int8, nf4)
     OUT/represent/                     RDS+ representation stores
+    OUT/lorif/<precision>/grads/<format>/...   LoRIF factor stores; OUT/lorif/<precision>/curvature/<format>/
     OUT/scores/<setting>/              scores folder per setting
     OUT/selected/p<percent>/<setting>/<target or seed-S>/   selections, with the inputs they came from
     OUT/units/<key>/                   one fine-tune per distinct training set: data.jsonl, train/, eval/<target>-<key>/
@@ -45,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -59,6 +64,7 @@ from qless.evaluate import EvaluateConfig, evaluate
 from qless.evaluate.tasks import TASKS, eval_file
 from qless.extraction import ExtractConfig, check_projection
 from qless.files import atomic_folder, atomic_write_json, atomic_write_text, locked, output_errors, read_json
+from qless.lorif.curvature import CurvatureConfig
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
 from qless.quantize import QuantizerSpec
@@ -66,8 +72,19 @@ from qless.report_html import write_compare_report
 from qless.represent import RepresentConfig, represent
 from qless.scoring import ScoreConfig, read_scores, scores_inputs
 from qless.selection import SelectConfig
-from qless.stages import load_data, pool_records, run_extract, run_train, run_warmup, score_into, select_into, selected_examples
+from qless.stages import (
+    curvature_into,
+    load_data,
+    pool_records,
+    run_extract,
+    run_train,
+    run_warmup,
+    score_into,
+    select_into,
+    selected_examples,
+)
 from qless.store import open_by_checkpoint
+from qless.store.derive import content_digest
 from qless.training import TrainConfig, WarmupConfig, read_train, recipe_of
 
 log = logging.getLogger(__name__)
@@ -96,6 +113,9 @@ class Setting:
         if text in BASELINES:
             return cls(text, text)
         fmt, _, precision = text.partition("@")
+        lorif = fmt == "lorif" or fmt.startswith("lorif-")
+        if lorif:
+            fmt = fmt.removeprefix("lorif").removeprefix("-") or "fp16"
         try:
             tag = QuantizerSpec.parse(fmt).tag
         except (ValueError, ConfigError) as e:
@@ -104,7 +124,8 @@ class Setting:
         if precision and precision not in PRECISIONS:
             raise ConfigError(f"compare.settings: {text!r}: the model precision after @ must be one of "
                               f"{', '.join(PRECISIONS)} (e.g. absmean4@nf4)")
-        return cls(f"{tag}@{precision}" if precision else tag, "gradient", tag, precision or "none")
+        name = ("lorif" if tag == "fp16" else f"lorif-{tag}") if lorif else tag
+        return cls(f"{name}@{precision}" if precision else name, "lorif" if lorif else "gradient", tag, precision or "none")
 
     @property
     def seeded(self) -> bool:
@@ -112,13 +133,41 @@ class Setting:
         return self.kind in ("random", "balanced")
 
     @property
+    def stored(self) -> bool:
+        """Scored from gradient stores (LESS/QLESS or LoRIF), extracted at the warmup's checkpoints."""
+        return self.kind in ("gradient", "lorif")
+
+    @property
     def label(self) -> str:
-        if self.kind != "gradient":
+        if not self.stored:
             return {"random": "Random", "balanced": "Balanced random", "rds": "RDS+"}[self.kind]
         spec = QuantizerSpec.parse(self.format)
-        what = ("LESS (fp16)" if spec.tag == "fp16" else f"{spec.tag} store" if spec.impl.lossless_source
-                else f"QLESS {spec.method} {spec.bits}-bit" + (f" ({spec.scale} scale)" if spec.scale == "global" else ""))
+        if self.kind == "lorif":
+            what = f"LoRIF ({spec.tag} factors)"
+        else:
+            what = ("LESS (fp16)" if spec.tag == "fp16" else f"{spec.tag} store" if spec.impl.lossless_source
+                    else f"QLESS {spec.method} {spec.bits}-bit" + (f" ({spec.scale} scale)" if spec.scale == "global" else ""))
         return what + (f", {self.precision} model" if self.precision != "none" else "")
+
+
+@dataclass(frozen=True)
+class LorifConfig(Config):
+    """How the ``lorif`` settings extract and score (the projection's seed, chunk size and compute dtype
+    are the comparison's ``projection`` section's; the curvature's settings its ``curvature`` section)."""
+
+    section = "lorif"
+
+    side: int = option(32, "each layer's input and output gradient projected to this many coordinates (D = side^2 "
+                       "per layer; projection.dim of kind lorif)")
+    rank: int = option(4, "c: rank of each layer's stored factors (projection.rank)")
+    layers: Literal["lora", "all"] = option("lora", "layers factored: the LoRA-adapted ones, or every linear layer")
+    normalize: Literal["raw", "cosine"] = option("raw", "raw influence <g', H^-1 g> (the LoRIF paper) or its cosine in "
+                                                 "the H^-1 metric (LESS-like)")
+    damping: float | None = option(None, "lambda as a multiple of each curvature block's mean eigenvalue (default: "
+                                   "curvature.damping)")
+
+    def projection(self, base: ProjectionConfig) -> ProjectionConfig:
+        return replace(base, kind="lorif", dim=self.side, rank=self.rank, layers=self.layers, nnz=1)
 
 
 @dataclass(frozen=True)
@@ -132,8 +181,9 @@ class CompareConfig(Config):
     out: str = option("runs/compare", "folder for everything the comparison writes (re-running resumes there)")
     targets: tuple[str, ...] = option(TASKS, "target tasks: mmlu bbh squad")
     settings: tuple[str, ...] = option(DEFAULT_SETTINGS, "selectors: random balanced rds, or a store format (fp16 = LESS, "
-                                       "absmax8 ... sign1 = QLESS), FORMAT@int8 / FORMAT@nf4 to extract with the base "
-                                       "model in 8 or 4 bits")
+                                       "absmax8 ... sign1 = QLESS), lorif or lorif-FORMAT (LoRIF influence from fp16 or "
+                                       "quantized factors), FORMAT@int8 / FORMAT@nf4 to extract with the base model in 8 "
+                                       "or 4 bits")
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds of the random and balanced baselines (one fine-tune each)")
     percents: tuple[float, ...] = option((5.0,), "selected percentages of the pool; several make the sweep "
                                          "(0.5 1 2 5 10: the paper's Figure 4)")
@@ -146,6 +196,8 @@ class CompareConfig(Config):
     projection: ProjectionConfig = option(ProjectionConfig(), "gradient projection", flag=False)
     extract: ExtractConfig = option(ExtractConfig(), "gradient extraction (its formats come from the settings)", flag=False)
     score: ScoreConfig = option(ScoreConfig(), "scoring", flag=False)
+    lorif: LorifConfig = option(LorifConfig(), "LoRIF factor stores and influence (the lorif settings)", flag=False)
+    curvature: CurvatureConfig = option(CurvatureConfig(), "LoRIF curvature (the lorif settings)", flag=False)
     represent: RepresentConfig = option(RepresentConfig(), "RDS+ representations", flag=False)
     train: TrainConfig = option(TrainConfig(), "fine-tuning on each selection (default: the warmup's recipe)", flag=False)
     evaluate: EvaluateConfig = option(EvaluateConfig(), "evaluation (its tasks come from targets)", flag=False)
@@ -169,20 +221,24 @@ class CompareConfig(Config):
             raise ConfigError("compare.score.method: the comparison scores with less (LESS/QLESS cosine)")
         for precision in self.precisions():
             check_projection(self.projection, self.extract_config(precision))
+        for precision in self.precisions("lorif"):
+            check_projection(self.lorif.projection(self.projection), self.extract_config(precision, "lorif"))
 
     def parsed_settings(self) -> list[Setting]:
         return [Setting.parse(s) for s in self.settings]
 
-    def precisions(self) -> list[str]:
-        """Base-model precisions the gradient settings extract with (one extraction pass each)."""
-        return list(dict.fromkeys(s.precision for s in self.parsed_settings() if s.kind == "gradient"))
+    def precisions(self, kind: str = "gradient") -> list[str]:
+        """Base-model precisions the settings of ``kind`` (gradient or lorif) extract with (one pass each)."""
+        return list(dict.fromkeys(s.precision for s in self.parsed_settings() if s.kind == kind))
 
-    def extract_config(self, precision: str) -> ExtractConfig:
-        """The extraction settings of one precision's pass: every format its settings score."""
-        formats = [s.format for s in self.parsed_settings() if s.kind == "gradient" and s.precision == precision]
+    def extract_config(self, precision: str, kind: str = "gradient") -> ExtractConfig:
+        """The extraction settings of one precision's pass: every format its settings score (LoRIF:
+        plain pool gradients, which its curvature preconditions)."""
+        formats = [s.format for s in self.parsed_settings() if s.kind == kind and s.precision == precision]
         if any(QuantizerSpec.parse(f).scale == "global" for f in formats) and "fp32" not in formats:
             formats.insert(0, "fp32")  # global formats are derived from an fp32 store
-        return replace(self.extract, formats=tuple(formats))
+        extract = replace(self.extract, formats=tuple(formats))
+        return replace(extract, pool_gradient="sgd") if kind == "lorif" else extract
 
 
 def build_compare_config(data: Mapping[str, Any], preset: Any = "paper", where: str = "config") -> CompareConfig:
@@ -303,13 +359,14 @@ class Comparison:
     def run(self) -> dict[str, Any]:
         atomic_write_json(self.out / "config.json", to_dict(self.cfg))
         scores: dict[str, Path] = {}
-        if any(s.kind == "gradient" for s in self.settings):
+        if any(s.stored for s in self.settings):
             self._warmup()
-            for precision in self.cfg.precisions():
-                self._extract(precision)
+            for kind in ("gradient", "lorif"):
+                for precision in self.cfg.precisions(kind):
+                    self._extract(precision, kind)
             for s in self.settings:
-                if s.kind == "gradient":
-                    scores[s.name] = self._score(s, self.out / "grads" / s.precision / s.format)
+                if s.stored:
+                    scores[s.name] = self._score(s, self._grads(s))
         if any(s.kind == "rds" for s in self.settings):
             scores["rds"] = self._score(Setting.parse("rds"), self._represent())
         selections = {(s.name, p): self._select(s, p, scores.get(s.name)) for s in self.settings for p in self.cfg.percents}
@@ -326,15 +383,22 @@ class Comparison:
                                                            cfg.data, progress=self.progress))
         release_memory()
 
-    def _extract(self, precision: str) -> None:
+    def _grads(self, s: Setting) -> Path:
+        """The folder of a stored setting's format: ``OUT/grads/<precision>/<format>`` (LoRIF: under ``OUT/lorif``)."""
+        return (self.out / "lorif" / s.precision / "grads" if s.kind == "lorif" else self.out / "grads" / s.precision) / s.format
+
+    def _extract(self, precision: str, kind: str = "gradient") -> None:
         cfg = self.cfg
         model = replace(cfg.model, quantization=precision)
-        extract = cfg.extract_config(precision)
+        extract = cfg.extract_config(precision, kind)
+        projection = cfg.lorif.projection(cfg.projection) if kind == "lorif" else cfg.projection
+        folder = self.out / "lorif" / precision / "grads" if kind == "lorif" else self.out / "grads" / precision
         sets = {"pool": (self.pool, "pool"), **{t: (ex, "target") for t, ex in self.targets.items()}}
         key = digest([self.timings.data.get("warmup", {}).get("key"), to_dict(model), to_dict(extract),
-                      to_dict(cfg.projection), to_dict(cfg.target_data), sorted(self.targets)])
-        self.timings.run(f"extract/{precision}", key, lambda: run_extract(
-            self.out / "warmup", sets, self.out / "grads" / precision, extract, cfg.projection, model=model, data=cfg.data,
+                      to_dict(projection), to_dict(cfg.target_data), sorted(self.targets)])
+        name = f"extract-lorif/{precision}" if kind == "lorif" else f"extract/{precision}"
+        self.timings.run(name, key, lambda: run_extract(
+            self.out / "warmup", sets, folder, extract, projection, model=model, data=cfg.data,
             target_data=cfg.target_data, progress=self.progress))
         release_memory()
 
@@ -355,6 +419,12 @@ class Comparison:
         folder = self.out / "scores" / setting.name
         pool = open_by_checkpoint([root / "pool"])
         targets = open_by_checkpoint([root / t for t in self.cfg.targets])
+        if setting.kind == "lorif":
+            curvature = self.out / "lorif" / setting.precision / "curvature" / setting.format
+            self.timings.run(f"curvature/{setting.name}", digest([[content_digest(p) for p in pool], to_dict(self.cfg.curvature)]),
+                             lambda: curvature_into(curvature, pool, self.cfg.curvature, progress=self.progress))
+            score_cfg = replace(score_cfg, method="lorif", curvature=str(curvature), normalize=self.cfg.lorif.normalize,
+                                damping=self.cfg.lorif.damping)
         inputs = scores_inputs(pool, targets, score_cfg)
 
         def make() -> None:
@@ -518,6 +588,10 @@ class Comparison:
         if s.kind == "gradient":
             return {"warmup": t("warmup"), "extraction": t(f"extract/{s.precision}"), "scoring": t(f"score/{s.name}"),
                     "selection": t(f"select/p{percent:g}/{s.name}")}
+        if s.kind == "lorif":
+            return {"warmup": t("warmup"), "extraction": t(f"extract-lorif/{s.precision}"),
+                    "curvature": t(f"curvature/{s.name}"), "scoring": t(f"score/{s.name}"),
+                    "selection": t(f"select/p{percent:g}/{s.name}")}
         if s.kind == "rds":
             return {"representation": t("represent/rds"), "scoring": t("score/rds"), "selection": t(f"select/p{percent:g}/rds")}
         return {"selection": t(f"select/p{percent:g}/{s.name}")}
@@ -527,7 +601,7 @@ class Comparison:
         if s.seeded:
             return 0
         stores = open_by_checkpoint([self.out / "represent" / self.cfg.represent.specs[0].tag / "pool"] if s.kind == "rds"
-                                    else [self.out / "grads" / s.precision / s.format / "pool"])
+                                    else [self._grads(s) / "pool"])
         return sum(st.summary()["bytes_per_row_with_scale"] for st in stores)
 
 
@@ -578,4 +652,4 @@ def percent_label(p: float) -> str:
     return f"{p:g}%"
 
 
-__all__ = ["DEFAULT_SETTINGS", "CompareConfig", "Setting", "build_compare_config", "compare", "load_compare_config"]
+__all__ = ["DEFAULT_SETTINGS", "CompareConfig", "LorifConfig", "Setting", "build_compare_config", "compare", "load_compare_config"]

@@ -7,6 +7,8 @@ under one run folder::
     RUN/index/                      offset indexes of the data files (qless.pool_index), reused
     RUN/warmup/                     LoRA checkpoints with Adam moments (qless.training)
     RUN/grads/<format>/<set>/<ckpt> gradient datastores (qless.extraction)
+    RUN/curvature/<format>/         LoRIF only (score.method lorif, score.curvature fit): the pool
+                                    factor store's curvature per checkpoint (qless.lorif.curvature)
     RUN/scores/<format>/            per-task influence scores, one folder per store format
     RUN/selected/<task>/            the top p% for each target task (pool format + ranking)
     RUN/selected/random/            the seeded random baseline of the same size
@@ -44,12 +46,13 @@ from qless.data import DataConfig, Example
 from qless.errors import ConfigError
 from qless.extraction import ExtractConfig, check_projection
 from qless.files import atomic_folder, atomic_write_json, locked, output_errors, safe_name
+from qless.lorif.curvature import CurvatureConfig
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
 from qless.quantize import QuantizerSpec
 from qless.scoring import ScoreConfig
 from qless.selection import SelectConfig
-from qless.stages import load_data, pool_records, run_extract, run_warmup, score_into, select_into
+from qless.stages import curvature_into, load_data, pool_records, run_extract, run_warmup, score_into, select_into
 from qless.training import WarmupConfig
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ class RunConfig(Config):
     projection: ProjectionConfig = option(ProjectionConfig(), "gradient projection", flag=False)
     extract: ExtractConfig = option(ExtractConfig(), "gradient extraction", flag=False)
     score: ScoreConfig = option(ScoreConfig(), "scoring", flag=False)
+    curvature: CurvatureConfig = option(CurvatureConfig(), "LoRIF curvature, fitted when score.curvature is fit", flag=False)
     select: SelectConfig = option(SelectConfig(), "selection", flag=False)
     select_format: str = option("absmean4", "the store format whose scores make the selection")
 
@@ -83,6 +87,14 @@ class RunConfig(Config):
         if not self.targets:
             raise ConfigError("run: give at least one target task file (targets: [files...])")
         check_projection(self.projection, self.extract)
+        if (self.projection.kind == "lorif") != (self.score.method == "lorif"):
+            raise ConfigError(f"projection.kind {self.projection.kind} with score.method {self.score.method}: LoRIF factor "
+                              "stores (projection.kind lorif) are scored by score.method lorif, and only those; set both "
+                              "or neither")
+        if self.score.method == "lorif" and self.score.curvature not in ("none", "fit"):
+            raise ConfigError(f"score.curvature {self.score.curvature!r}: in a run it is fit (fitted on the run's pool "
+                              "stores into RUN/curvature/<format>, with the curvature section's settings) or none (plain "
+                              "inner products)")
         tags = [s.tag for s in self.extract.specs]
         if QuantizerSpec.parse(self.select_format).tag not in tags:
             raise ConfigError(f"run.select_format {self.select_format!r} is not among extract.formats {tags}")
@@ -170,8 +182,7 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, source_groups: Mapping[s
     timings["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores_dirs = {spec.tag: _scores(grads, spec.tag, list(targets), run_dir / "scores" / spec.tag, cfg.score, progress)
-                   for spec in cfg.extract.specs}
+    scores_dirs = {spec.tag: _scores(run_dir, spec.tag, list(targets), cfg, progress) for spec in cfg.extract.specs}
     timings["score"] = time.perf_counter() - t
 
     primary = QuantizerSpec.parse(cfg.select_format).tag
@@ -182,19 +193,25 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, source_groups: Mapping[s
     return summary
 
 
-def _scores(grads: Path, tag: str, targets: list[str], out: Path, cfg: ScoreConfig, progress: bool) -> Path:
-    """The scores folder of one format: reused when computed from the same stores and settings."""
+def _scores(run_dir: Path, tag: str, targets: list[str], cfg: RunConfig, progress: bool) -> Path:
+    """The scores folder of one format: reused when computed from the same stores and settings
+    (with LoRIF's curvature, fitted or reused first when ``score.curvature`` is fit)."""
     from qless.scoring import read_scores, scores_inputs
     from qless.store import open_by_checkpoint
 
-    pool_stores = open_by_checkpoint([grads / tag / "pool"])
-    target_stores = open_by_checkpoint([grads / tag / name for name in targets])
-    inputs = scores_inputs(pool_stores, target_stores, cfg)
+    out = run_dir / "scores" / tag
+    pool_stores = open_by_checkpoint([run_dir / "grads" / tag / "pool"])
+    target_stores = open_by_checkpoint([run_dir / "grads" / tag / name for name in targets])
+    score_cfg = cfg.score
+    if score_cfg.method == "lorif" and score_cfg.curvature == "fit":
+        folder = curvature_into(run_dir / "curvature" / tag, pool_stores, cfg.curvature, progress=progress)
+        score_cfg = replace(score_cfg, curvature=str(folder))
+    inputs = scores_inputs(pool_stores, target_stores, score_cfg)
     if (out / "manifest.json").exists():
         if read_scores(out)[0].get("inputs") == inputs:
             return out
         log.info("%s: the stores or settings changed since these scores were computed; computing them again", out)
-    return score_into(out, pool_stores, target_stores, cfg, replace=True, progress=progress)
+    return score_into(out, pool_stores, target_stores, score_cfg, replace=True, progress=progress)
 
 
 def _selections(out: Path, scores_dir: Path, primary: str, cfg: SelectConfig, pool: Sequence[Example]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ elsewhere, so the page can be mailed or archived alone. ``qless report`` writes 
 
 * the comparison table (the paper's Table 1; Table 2 with the ``@int8`` / ``@nf4`` settings), the
   held-out answer loss, bytes per example, and the sweep over percentages (its Figure 4);
-* each selector's cost per stage (warmup, extraction, scoring, selection, representation, training,
+* each selector's cost per stage (warmup, extraction, LoRIF curvature, scoring, selection, representation, training,
   evaluation);
 * source composition of each selection against the pool, as over- or under-representation (Figure 5);
 * Jaccard overlap between the settings' selections;
@@ -187,7 +187,7 @@ def plot_sweep(path: Path, rows: Sequence[Mapping[str, Any]], targets: Sequence[
     return _save(fig, path)
 
 
-STAGES = ("warmup", "extraction", "representation", "scoring", "selection", "training", "evaluation")
+STAGES = ("warmup", "extraction", "curvature", "representation", "scoring", "selection", "training", "evaluation")
 
 
 def plot_times(path: Path, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -547,6 +547,12 @@ class CompareReport:
                f"{cfg['train']['schedule']} schedule, batch {cfg['train']['batch_size']}; {len(units)} distinct training sets",
                f"- projection: {cfg['projection']['kind']}, k = {cfg['projection']['dim']}, seed {cfg['projection']['seed']}",
                f"- scoring: aggregation {cfg['score']['aggregation']}, checkpoint weights {cfg['score']['weights']}"]
+        if any(s.kind == "lorif" for s in self.settings):
+            lo, cu = cfg["lorif"], cfg["curvature"]
+            md.append(f"- LoRIF: plain pool gradients, each layer's ({lo['layers']}) gradient projected to {lo['side']} x "
+                      f"{lo['side']} and kept as rank-{lo['rank']} factors; curvature rank {cu['rank']} per {cu['scope']}, "
+                      f"damping {lo['damping'] if lo['damping'] is not None else cu['damping']} x the mean eigenvalue; "
+                      f"{lo['normalize']} influence")
         some_eval = next((self.out / e["folder"] / "eval.json" for u in units.values() for e in u["eval"].values()), None)
         if some_eval is not None and some_eval.is_file():
             v = read_json(some_eval, OutputError, "run again")["settings"]["versions"]

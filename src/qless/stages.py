@@ -15,6 +15,7 @@ writes its output folder and returns what it wrote. The library functions undern
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,12 +25,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qless.config import from_dict
+from qless.config import from_dict, to_dict
 from qless.data import DataConfig, Example
 from qless.distributed import all_succeeded, device_for, launch_info, process_group, shard_config
 from qless.errors import ConfigError, DataError, ModelError
 from qless.extraction import ExtractConfig, extract, finish_stores
-from qless.files import atomic_folder, output_errors, safe_name
+from qless.files import atomic_folder, atomic_write_json, output_errors, safe_name
 from qless.lorif.curvature import CurvatureConfig, fit_curvature_folder
 from qless.lorif.score import lorif_score
 from qless.models import AdapterConfig, ModelConfig
@@ -38,6 +39,7 @@ from qless.project import ProjectionConfig
 from qless.scoring import ScoreConfig, read_scores, score, target_groups, write_scores
 from qless.selection import SelectConfig, choose, write_selection_files
 from qless.store import Datastore, open_by_checkpoint
+from qless.store.derive import content_digest
 from qless.training import Checkpoint, TrainConfig, WarmupConfig, read_checkpoints, read_warmup, train, warmup
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,26 @@ def run_fit_curvature(stores: Sequence[str | Path], out: str | Path, cfg: Curvat
     (``OUT/<checkpoint>/``, for ``qless score --method lorif --curvature OUT``)."""
     with output_errors(out):
         return fit_curvature_folder(stores, out, cfg, progress=progress)
+
+
+def curvature_into(folder: str | Path, stores: Sequence[Datastore], cfg: CurvatureConfig, *,
+                   progress: bool = True) -> Path:
+    """LoRIF's curvature of the pool factor ``stores`` (one per checkpoint) in ``folder``, reused when
+    it was fitted from the same stores with the same settings (its ``inputs.json``), else fitted
+    again in its place. For pipelines that own the folder (``qless run``, ``qless compare``)."""
+    folder = Path(folder)
+    inputs = {"stores": [content_digest(s) for s in stores], "config": to_dict(cfg)}
+    record = folder / "inputs.json"
+    if record.is_file():
+        try:
+            if json.loads(record.read_text(encoding="utf-8")) == inputs:
+                return folder
+        except (OSError, ValueError):
+            pass  # unreadable: fitted again below
+        log.info("%s: the stores or curvature settings changed; fitting it again", folder)
+    fit_curvature_folder(stores, folder, cfg, replace=True, progress=progress)
+    atomic_write_json(record, inputs)
+    return folder
 
 
 def pool_records(pool_data: Sequence[DataSpec] | Sequence[Example], *,

@@ -31,6 +31,7 @@ projection, checkpoint, model and adapter identity, what it was fitted from, the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -296,17 +297,19 @@ def read_curvatures(folder: str | Path) -> dict[str, Curvature]:
     return out
 
 
-def fit_curvature_folder(stores: Sequence[str | Path], out: str | Path, cfg: CurvatureConfig = CurvatureConfig(), *,
-                      progress: bool = True) -> dict[str, Path]:
-    """Fit one curvature per checkpoint of the LoRIF store(s) ``stores`` into the new folder
-    ``out`` (``OUT/<checkpoint>/``), all or nothing; returns checkpoint -> folder."""
+def fit_curvature_folder(stores: Sequence[str | Path] | Sequence[Datastore], out: str | Path,
+                         cfg: CurvatureConfig = CurvatureConfig(), *, replace: bool = False,
+                         progress: bool = True) -> dict[str, Path]:
+    """Fit one curvature per checkpoint of the LoRIF store(s) ``stores`` (folders, or opened stores)
+    into the folder ``out`` (``OUT/<checkpoint>/``), all or nothing; returns checkpoint -> folder.
+    ``replace=True`` swaps out an existing ``out``; otherwise it must be new."""
     from qless.store import open_by_checkpoint
 
-    opened = open_by_checkpoint(stores)
+    opened = list(stores) if all(isinstance(s, Datastore) for s in stores) else open_by_checkpoint(stores)
     require_factor_stores(opened, "fit-curvature")
     fits = [fit_curvature(s, cfg, progress=progress) for s in opened]
     out = Path(out)
-    with atomic_folder(out, what="the curvature") as tmp:
+    with atomic_folder(out, replace=replace, what="the curvature") as tmp:
         for curv in fits:
             sub = tmp / safe_name(curv.checkpoint, "checkpoint name")
             sub.mkdir()
@@ -317,12 +320,27 @@ def fit_curvature_folder(stores: Sequence[str | Path], out: str | Path, cfg: Cur
     return {c.checkpoint: out / c.checkpoint for c in fits}
 
 
+def curvature_digest(folder: str | Path) -> str:
+    """SHA-256 of a curvature folder's files (every checkpoint's metadata and tensors), naming what a
+    LoRIF score used: a curvature fitted again into the same folder gets another digest."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for name in FILES:
+            h.update(f"{sub.name}/{name}\n".encode())
+            with open(sub / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 __all__ = [
     "Curvature",
     "CurvatureBlock",
     "CurvatureConfig",
     "block_gradients",
     "check_curvature",
+    "curvature_digest",
     "fit_blocks",
     "fit_curvature",
     "fit_curvature_folder",

@@ -34,8 +34,13 @@ SCORES_FORMAT = "qless-scores"
 def scores_inputs(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig) -> dict[str, Any]:
     """What a scores folder was computed from: each store's content digest, and the settings.
     Equal inputs give equal scores, so a run can reuse the folder."""
-    return {"pool": [content_digest(p) for p in pool], "targets": [content_digest(t) for t in targets],
-            "config": to_dict(cfg)}
+    inputs = {"pool": [content_digest(p) for p in pool], "targets": [content_digest(t) for t in targets],
+              "config": to_dict(cfg)}
+    if cfg.method == "lorif" and cfg.curvature != "none" and Path(cfg.curvature).is_dir():
+        from qless.lorif.curvature import curvature_digest
+
+        inputs["curvature"] = curvature_digest(cfg.curvature)  # a folder path alone does not name its content
+    return inputs
 
 
 def write_scores(out_dir: str | Path, scores: Scores, pool: Sequence[Datastore], targets: Sequence[Datastore],
