@@ -25,19 +25,18 @@ decoded whole; the pool streams in blocks, memory bounded by ``block_rows``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from qless.console import progress_bar
 from qless.errors import StoreError, StoreMismatchError
 from qless.lorif.curvature import Curvature, check_curvature, read_curvatures
 from qless.lorif.factors import FactorLayout
 from qless.lorif.stores import all_factor_rows, factor_rows, require_factor_stores, store_layout
 from qless.scoring.aggregate import TargetGroups, checkpoint_weights, target_groups
-from qless.scoring.driver import ScoreConfig, Scores, align_rows, pair_checkpoints
+from qless.scoring.driver import ScoreConfig, Scores, accumulate, align_rows, pair_checkpoints
 from qless.store import Datastore
 
 log = logging.getLogger(__name__)
@@ -246,16 +245,10 @@ def lorif_score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: Sc
     groups = target_groups(list(pairs[0][1].rows()), by=cfg.target_groups)
     weights = checkpoint_weights([p.learning_rate for p in pool_stores], cfg.weights)
     curvatures = read_curvatures(cfg.curvature) if cfg.curvature != "none" else None
-    maps = align_rows(pool_stores)
-    n = pool_stores[0].n_rows
-    values = out if out is not None else np.zeros((n, len(groups.subtasks)), dtype=np.float32)
-    values[...] = 0.0
-    seen = np.zeros(n, dtype=np.int64)
     device = _device(cfg.device)
-    zero_rows = 0
-    bar = progress_bar(total=sum(p.n_rows for p in pool_stores), desc="scoring (lorif)", unit="row", enabled=progress)
-    for (p, t), w, rowmap in zip(pairs, weights, maps):
-        layout = store_layout(p)
+
+    def blocks(i: int, p: Datastore) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        t = pairs[i][1]
         if curvatures is None:
             pre = Preconditioner.identity()
         else:
@@ -264,28 +257,13 @@ def lorif_score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: Sc
                                  f"{', '.join(sorted(curvatures))}); fit one on that checkpoint's pool store")
             check_curvature(curvatures[p.checkpoint], p, f"{cfg.curvature} ({p.checkpoint})")
             pre = Preconditioner.from_curvature(curvatures[p.checkpoint], cfg.damping, device, dtype)
-        side = TargetSide(all_factor_rows(t, device, dtype), layout, pre, groups, float(w), cfg.normalize, str(t.path))
+        side = TargetSide(all_factor_rows(t, device, dtype), store_layout(p), pre, groups, float(weights[i]),
+                          cfg.normalize, str(t.path))
         for first, rows in factor_rows(p, cfg.block_rows, device, dtype):
-            contrib_t, zero = side.scores(rows)
-            zero_rows += int(zero.sum())
-            contrib = contrib_t.cpu().numpy()
-            if rowmap is None:
-                values[first:first + len(contrib)] += contrib
-                seen[first:first + len(contrib)] += 1
-            else:
-                pos = rowmap[first:first + len(contrib)]
-                keep = pos >= 0
-                values[pos[keep]] += contrib[keep]
-                seen[pos[keep]] += 1
-            bar.update(len(contrib))
-    bar.close()
-    missing = seen != len(pairs)
-    if missing.any():
-        values[missing] = np.nan
-        log.warning("%d pool rows are missing from some checkpoint's store (skipped there); they get no score "
-                    "and are never selected", int(missing.sum()))
-    if zero_rows:
-        log.warning("%d pool rows had zero factors; their contribution is 0", zero_rows)
+            yield first, *side.scores(rows)
+
+    values = accumulate(pool_stores, len(groups.subtasks), blocks, out=out, desc="scoring (lorif)", progress=progress,
+                        zero_what="zero factors")
     return Scores(values, groups, weights, [p.checkpoint for p in pool_stores])
 
 

@@ -196,6 +196,45 @@ def block_scorer(store: Datastore, subtasks: torch.Tensor, device: torch.device,
     return lambda codes: block_scores(decode_codes(codes.to(device), store.spec, store.k), m)
 
 
+def accumulate(pool_stores: Sequence[Datastore], n_subtasks: int,
+               blocks: Callable[[int, Datastore], Iterator[tuple[int, torch.Tensor, torch.Tensor]]], *,
+               out: np.ndarray | None = None, desc: str = "scoring", progress: bool = True,
+               zero_what: str = "zero vectors") -> np.ndarray:
+    """The ``[n_pool, S]`` sum over checkpoints of each pool row's contributions, in the first pool
+    store's row order (``out`` if given, else a new float32 array). ``blocks(i, store)`` yields
+    ``(first_row, contributions [m, S], zero rows [m])`` for checkpoint ``i``'s store; a row missing
+    from some checkpoint's store gets NaN (never selected), with a warning, as do zero rows."""
+    maps = align_rows(pool_stores)
+    n = pool_stores[0].n_rows
+    values = out if out is not None else np.zeros((n, n_subtasks), dtype=np.float32)
+    values[...] = 0.0
+    seen = np.zeros(n, dtype=np.int64)
+    zero_rows = 0
+    bar = progress_bar(total=sum(p.n_rows for p in pool_stores), desc=desc, unit="row", enabled=progress)
+    for i, (p, rowmap) in enumerate(zip(pool_stores, maps)):
+        for first, contrib_t, zero in blocks(i, p):
+            zero_rows += int(zero.sum())
+            contrib = contrib_t.cpu().numpy()
+            if rowmap is None:
+                values[first:first + len(contrib)] += contrib
+                seen[first:first + len(contrib)] += 1
+            else:
+                pos = rowmap[first:first + len(contrib)]
+                keep = pos >= 0
+                values[pos[keep]] += contrib[keep]
+                seen[pos[keep]] += 1
+            bar.update(len(contrib))
+    bar.close()
+    missing = seen != len(pool_stores)
+    if missing.any():
+        values[missing] = np.nan
+        log.warning("%d pool rows are missing from some checkpoint's store (skipped there); they get no score "
+                    "and are never selected", int(missing.sum()))
+    if zero_rows:
+        log.warning("%d pool rows had %s; their contribution is 0", zero_rows, zero_what)
+    return values
+
+
 def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreConfig = ScoreConfig(),
           out: np.ndarray | None = None, progress: bool = True,
           kernels: Mapping[str, PackedKernel] = PACKED_KERNELS) -> Scores:
@@ -213,36 +252,13 @@ def score(pool: Sequence[Datastore], targets: Sequence[Datastore], cfg: ScoreCon
         raise StoreMismatchError("target stores hold different rows at different checkpoints; extract the targets again")
     groups = target_groups(list(target_stores[0].rows()), by=cfg.target_groups)
     weights = checkpoint_weights([p.learning_rate for p in pool_stores], cfg.weights)
-    maps = align_rows(pool_stores)
-    n = pool_stores[0].n_rows
-    values = out if out is not None else np.zeros((n, len(groups.subtasks)), dtype=np.float32)
-    values[...] = 0.0
-    seen = np.zeros(n, dtype=np.int64)
     device = _device(cfg.device)
-    zero_rows = 0
-    total = sum(p.n_rows for p in pool_stores)
-    bar = progress_bar(total=total, desc="scoring", unit="row", enabled=progress)
-    for (p, t), w, rowmap in zip(pairs, weights, maps):
-        scorer = block_scorer(p, subtask_vectors(t, groups) * w, device, kernels)
+
+    def blocks(i: int, p: Datastore) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        scorer = block_scorer(p, subtask_vectors(target_stores[i], groups) * weights[i], device, kernels)
         for first, codes in read_ahead(p, cfg.block_rows):
-            contrib_t, zero = scorer(codes)
-            zero_rows += int(zero.sum())
-            contrib = contrib_t.cpu().numpy()
-            if rowmap is None:
-                values[first:first + len(contrib)] += contrib
-                seen[first:first + len(contrib)] += 1
-            else:
-                pos = rowmap[first:first + len(contrib)]
-                keep = pos >= 0
-                values[pos[keep]] += contrib[keep]
-                seen[pos[keep]] += 1
-            bar.update(len(contrib))
-    bar.close()
-    missing = seen != len(pairs)
-    if missing.any():
-        values[missing] = np.nan
-        log.warning("%d pool rows are missing from some checkpoint's store (skipped there); they get no score "
-                    "and are never selected", int(missing.sum()))
-    if zero_rows:
-        log.warning("%d pool rows had a zero gradient code vector; their contribution is 0", zero_rows)
+            yield first, *scorer(codes)
+
+    values = accumulate(pool_stores, len(groups.subtasks), blocks, out=out, desc="scoring", progress=progress,
+                        zero_what="a zero gradient code vector")
     return Scores(values, groups, weights, [p.checkpoint for p in pool_stores])
