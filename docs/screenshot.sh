@@ -64,21 +64,4 @@ qless compare --benchmark "$WORK/bench" --out "$WORK/compare" --preset cpu \
     model.model="$WORK/model" model.dtype=float32 projection.dim=1024 \
     evaluate.limit=1 evaluate.mmlu_shots=1 evaluate.bbh_max_new_tokens=16 evaluate.squad_max_new_tokens=8
 
-chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,20000 \
-    --screenshot="$WORK/page.png" "file://$WORK/compare/compare.html" 2>&1 | { grep -v -e dbus -e '^$' || true; }
-
-python - "$WORK/page.png" docs/compare-report.png <<'EOF'
-"""Crop the screenshot to the page's content (the window is taller than the page)."""
-import sys
-
-import numpy as np
-from PIL import Image
-
-page = np.asarray(Image.open(sys.argv[1]).convert("RGB"))
-rows = np.flatnonzero((page < 250).any(axis=(1, 2)))
-if rows[-1] > page.shape[0] - 60:
-    sys.exit(f"the page is longer than the window ({page.shape[0]} px): raise --window-size in docs/screenshot.sh")
-# a 256-colour palette keeps text and plots sharp at a third of the bytes
-Image.fromarray(page[: rows[-1] + 40]).quantize(colors=256).save(sys.argv[2], optimize=True)
-print(f"{sys.argv[2]}: {page.shape[1]} x {rows[-1] + 40}")
-EOF
+docs/screenshot-page.sh "$WORK/compare/compare.html" docs/compare-report.png
