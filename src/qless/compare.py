@@ -63,7 +63,7 @@ from qless.errors import ConfigError, DataError
 from qless.evaluate import EvaluateConfig, evaluate
 from qless.evaluate.tasks import TASKS, eval_file
 from qless.extraction import ExtractConfig, check_projection
-from qless.files import atomic_folder, atomic_write_json, atomic_write_text, locked, output_errors, read_json
+from qless.files import atomic_folder, atomic_write_json, atomic_write_text, locked, made_from, output_errors, read_json
 from qless.lorif.curvature import CurvatureConfig
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
@@ -300,13 +300,8 @@ class Timings:
 def _reuse_folder(folder: Path, inputs: dict[str, Any]) -> bool:
     """Whether ``folder`` was finished from these inputs (its ``inputs.json``); a folder made from
     other inputs, or left unfinished, is removed so that it is made again."""
-    record = folder / "inputs.json"
-    if record.is_file():
-        try:
-            if json.loads(record.read_text(encoding="utf-8")) == inputs:
-                return True
-        except (OSError, ValueError):
-            pass
+    if made_from(folder, inputs):
+        return True
     if folder.exists():
         log.info("%s: made from other inputs or unfinished; making it again", folder)
         shutil.rmtree(folder)

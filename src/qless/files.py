@@ -137,6 +137,18 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+INPUTS = "inputs.json"
+
+
+def made_from(folder: str | Path, inputs: Any) -> bool:
+    """Whether ``folder`` records (in its ``inputs.json``) that it was made from ``inputs``: a
+    derived output that can be reused. Missing or unreadable records say no."""
+    try:
+        return json.loads((Path(folder) / INPUTS).read_text(encoding="utf-8")) == inputs
+    except (OSError, ValueError):
+        return False
+
+
 def read_json(path: str | Path, error: type[Exception], fix: str) -> Any:
     """The JSON value in ``path``; ``error`` naming the file, the problem and ``fix`` when it is
     unreadable or not JSON (an artefact damaged or written by something else)."""

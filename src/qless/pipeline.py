@@ -45,7 +45,7 @@ from qless.config import Config, describe_differences, from_dict, merge, option,
 from qless.data import DataConfig, Example
 from qless.errors import ConfigError
 from qless.extraction import ExtractConfig, check_projection
-from qless.files import atomic_folder, atomic_write_json, locked, output_errors, safe_name
+from qless.files import atomic_folder, atomic_write_json, locked, made_from, output_errors, safe_name
 from qless.lorif.curvature import CurvatureConfig
 from qless.models import AdapterConfig, ModelConfig, release_memory
 from qless.project import ProjectionConfig
@@ -219,13 +219,12 @@ def _selections(out: Path, scores_dir: Path, primary: str, cfg: SelectConfig, po
     Reused when made from the same scores with the same settings."""
     scores_id = hashlib.sha256((scores_dir / "manifest.json").read_bytes()).hexdigest()
     inputs = {"scores_manifest_sha256": scores_id, "format": primary, "select": to_dict(cfg)}
-    record = out / "inputs.json"
-    if record.is_file():
+    if made_from(out, inputs):
         try:
-            if json.loads(record.read_text(encoding="utf-8")) == inputs:
-                return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+            return json.loads((out / "summary.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             pass  # unreadable: rebuilt below
+    if out.exists():
         log.info("%s: the scores or selection settings changed; selecting again", out)
     records = pool_records(pool)  # looked up one record at a time, not a dict of the pool
     with atomic_folder(out, replace=True, what="the selections") as tmp:

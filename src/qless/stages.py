@@ -15,7 +15,6 @@ writes its output folder and returns what it wrote. The library functions undern
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,7 @@ from qless.data import DataConfig, Example
 from qless.distributed import all_succeeded, device_for, launch_info, process_group, shard_config
 from qless.errors import ConfigError, DataError, ModelError
 from qless.extraction import ExtractConfig, extract, finish_stores
-from qless.files import atomic_folder, atomic_write_json, output_errors, safe_name
+from qless.files import INPUTS, atomic_folder, atomic_write_json, made_from, output_errors, safe_name
 from qless.lorif.curvature import CurvatureConfig, fit_curvature_folder
 from qless.lorif.score import lorif_score
 from qless.models import AdapterConfig, ModelConfig
@@ -181,16 +180,12 @@ def curvature_into(folder: str | Path, stores: Sequence[Datastore], cfg: Curvatu
     again in its place. For pipelines that own the folder (``qless run``, ``qless compare``)."""
     folder = Path(folder)
     inputs = {"stores": [content_digest(s) for s in stores], "config": to_dict(cfg)}
-    record = folder / "inputs.json"
-    if record.is_file():
-        try:
-            if json.loads(record.read_text(encoding="utf-8")) == inputs:
-                return folder
-        except (OSError, ValueError):
-            pass  # unreadable: fitted again below
+    if made_from(folder, inputs):
+        return folder
+    if folder.exists():
         log.info("%s: the stores or curvature settings changed; fitting it again", folder)
     fit_curvature_folder(stores, folder, cfg, replace=True, progress=progress)
-    atomic_write_json(record, inputs)
+    atomic_write_json(folder / INPUTS, inputs)
     return folder
 
 
