@@ -73,6 +73,7 @@ from qless.represent import RepresentConfig, represent
 from qless.scoring import ScoreConfig, read_scores, scores_inputs
 from qless.selection import SelectConfig
 from qless.stages import (
+    curvature_inputs,
     curvature_into,
     load_data,
     pool_records,
@@ -84,7 +85,6 @@ from qless.stages import (
     selected_examples,
 )
 from qless.store import open_by_checkpoint
-from qless.store.derive import content_digest
 from qless.training import TrainConfig, WarmupConfig, read_train, recipe_of
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ class Comparison:
         targets = open_by_checkpoint([root / t for t in self.cfg.targets])
         if setting.kind == "lorif":
             curvature = self.out / "lorif" / setting.precision / "curvature" / setting.format
-            self.timings.run(f"curvature/{setting.name}", digest([[content_digest(p) for p in pool], to_dict(self.cfg.curvature)]),
+            self.timings.run(f"curvature/{setting.name}", digest(curvature_inputs(pool, self.cfg.curvature)),
                              lambda: curvature_into(curvature, pool, self.cfg.curvature, progress=self.progress))
             score_cfg = replace(score_cfg, method="lorif", curvature=str(curvature), normalize=self.cfg.lorif.normalize,
                                 damping=self.cfg.lorif.damping)

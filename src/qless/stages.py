@@ -173,13 +173,18 @@ def run_fit_curvature(stores: Sequence[str | Path], out: str | Path, cfg: Curvat
         return fit_curvature_folder(stores, out, cfg, progress=progress)
 
 
+def curvature_inputs(stores: Sequence[Datastore], cfg: CurvatureConfig) -> dict[str, Any]:
+    """What a curvature folder is fitted from: each pool store's content digest, and the settings."""
+    return {"stores": [content_digest(s) for s in stores], "config": to_dict(cfg)}
+
+
 def curvature_into(folder: str | Path, stores: Sequence[Datastore], cfg: CurvatureConfig, *,
                    progress: bool = True) -> Path:
     """LoRIF's curvature of the pool factor ``stores`` (one per checkpoint) in ``folder``, reused when
     it was fitted from the same stores with the same settings (its ``inputs.json``), else fitted
     again in its place. For pipelines that own the folder (``qless run``, ``qless compare``)."""
     folder = Path(folder)
-    inputs = {"stores": [content_digest(s) for s in stores], "config": to_dict(cfg)}
+    inputs = curvature_inputs(stores, cfg)
     if made_from(folder, inputs):
         return folder
     if folder.exists():
