@@ -10,20 +10,21 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import toy_pool, write_jsonl
 from qless.cli import main
 from qless.config import from_dict
 from qless.data import DataConfig, Example, load_examples
 from qless.errors import ConfigError
-from qless.fidelity import FidelityConfig, fidelity
+from qless.fidelity import FidelityConfig, _measured, fidelity
 from qless.fidelity.metrics import bootstrap, jaccard_at, kendall, metric_functions, ndcg_at, recall_at, spearman, top_rows
-from qless.fidelity.probe import exact_scores, open_probe, probe_sample
-from qless.fidelity.recommend import read_recommendation, recommend
+from qless.fidelity.probe import exact_scores, open_probe, probe_sample, rows_as_tensor
+from qless.fidelity.recommend import read_recommendation, recommend, settings_config
 from qless.fidelity.settings import project_side, projections, setting_scores
 from qless.models import ModelConfig, load_adapter, load_model, set_adapter_weights
 from qless.pipeline import build_run_config, run
-from qless.project import ProjectionConfig
+from qless.project import ProjectionConfig, make_projector
 from qless.quantize import QuantizerSpec
 from qless.scoring import read_scores
 from qless.scoring.aggregate import checkpoint_weights, target_groups
@@ -195,6 +196,37 @@ def test_logra_is_measured_on_plain_pool_gradients(tiny_run):
     assert rec["met"] and rec["config"]["extract"]["pool_gradient"] == "sgd"
     if rec["setting"]["projection"] == "logra":  # the fewest bytes at threshold 0: side 2
         assert rec["config"]["projection"]["dim"] == 2
+
+
+def test_sparse_nnz_is_measured_and_recommended_with_its_nnz(tiny_run):
+    """fidelity.sparse_nnz adds a sparse setting per nnz that divides k, projected exactly as
+    make_projector projects with that nnz; tables name it; a recommendation carries nnz into
+    the projection section; a fidelity.json written before the field existed measured nnz 1 and
+    is reused for the default."""
+    root, _, fcfg, report = tiny_run
+    nnz_cfg = replace(fcfg, kinds=("sparse",), dims=(64, 256), sparse_nnz=(1, 4, 3), formats=("fp32", "sign1"),
+                      bootstrap=0, criterion="spearman", threshold=-1.0)
+    assert [(p.dim, p.nnz) for p in projections(nnz_cfg, 1792)[1:]] == [(64, 1), (64, 4), (256, 1), (256, 4)]
+    pool, _, _ = open_probe(root / "fid" / "probe" / "float32", ["mmlu", "qa"])
+    four = next(p for p in projections(nnz_cfg, pool.d) if p.nnz == 4 and p.dim == 64)
+    got = project_side(pool, pool.checkpoints[0], four, 64)
+    rows = torch.cat([x for _, x in rows_as_tensor(pool, pool.checkpoints[0], scaled=True, block_rows=64)])
+    torch.testing.assert_close(got, make_projector(four, pool.d).project(rows), rtol=0, atol=0)
+    out = fidelity(root / "run", root / "fid-nnz", nnz_cfg, progress=False)
+    labels = {(e["projection"], e.get("nnz"), e["k"]) for e in out["settings"]}
+    assert labels == {("none", None, 1792), ("sparse", 1, 64), ("sparse", 4, 64), ("sparse", 1, 256), ("sparse", 4, 256)}
+    assert "| float32 | sparse nnz 4 | 64 | sign1 |" in (root / "fid-nnz" / "fidelity.md").read_text()
+    entry = next(e for e in out["settings"] if e.get("nnz") == 4 and e["k"] == 64 and e["format"] == "sign1")
+    assert settings_config(entry, 0)["projection"] == {"kind": "sparse", "dim": 64, "seed": 0, "nnz": 4}
+    assert "nnz" not in settings_config({**entry, "nnz": 1}, 0)["projection"]
+    # an older fidelity.json (no sparse_nnz in its config) holds nnz-1 measurements: reused for the default
+    saved = json.loads((root / "fid" / "fidelity.json").read_text())
+    assert saved["config"]["sparse_nnz"] == [1]
+    del saved["config"]["sparse_nnz"]
+    (root / "fid" / "fidelity.json").write_text(json.dumps(saved))
+    assert _measured(root / "fid", fcfg) is not None
+    assert _measured(root / "fid", replace(fcfg, sparse_nnz=(2,))) is None
+    fidelity(root / "run", root / "fid", fcfg, progress=False)  # rewrites it as the other tests expect
 
 
 def test_fidelity_outputs(tiny_run):

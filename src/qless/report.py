@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from qless.fidelity.metrics import recall_at, spearman
+from qless.fidelity.recommend import projection_label
 from qless.files import atomic_folder
 from qless.quantize import QuantizerSpec
 from qless.scoring import read_scores
@@ -230,7 +231,7 @@ def _fidelity_lines(data: dict[str, Any], fidelity_dir: Path) -> list[str]:
     if rec.get("met"):
         s = rec["setting"]
         k = "" if s["projection"] == "none" else f" k = {s['k']}"
-        md.append(f"Cheapest setting with {rec['rule']}: {s['model_dtype']} model, projection {s['projection']}{k}, "
+        md.append(f"Cheapest setting with {rec['rule']}: {s['model_dtype']} model, projection {projection_label(s)}{k}, "
                   f"{s['format']} ({s['bytes_per_example']} bytes per example and checkpoint).")
     else:
         md.append(f"No measured setting meets {rec['rule']}.")

@@ -55,6 +55,9 @@ class FidelityConfig(Config):
     kinds: tuple[str, ...] = option(("rademacher", "sparse"), "projection kinds: rademacher, gaussian (dense), sparse, "
                                     "logra (per-layer factorised; needs pool_gradient sgd)")
     dims: tuple[int, ...] = option((2048, 4096, 8192, 16384, 32768, 65536, 131072), "projected dimensions k")
+    sparse_nnz: tuple[int, ...] = option((1,), "non-zeros per input coordinate of the sparse kind (projection.nnz), "
+                                         "each measured at every k it divides; more mix heavy-tailed gradients "
+                                         "better before low-bit quantization, at O(d nnz) cost")
     logra_sides: tuple[int, ...] = option((4, 8, 16, 32), "side sizes s of the logra kind (each LoRA factor's long "
                                           "sides projected to s; k follows from the layers)")
     pool_gradient: Literal["adam", "sgd"] = option("adam", "pool rows of the exact scores and of every setting: the Adam "
@@ -95,6 +98,8 @@ class FidelityConfig(Config):
         if "logra" in self.kinds and self.pool_gradient != "sgd":
             raise ConfigError("fidelity.kinds: logra cannot project the Adam direction (it never forms the per-example "
                               "gradient); add --pool-gradient sgd to measure every setting on plain pool gradients")
+        if any(n < 1 for n in self.sparse_nnz):
+            raise ConfigError(f"fidelity.sparse_nnz must be positive, got {list(self.sparse_nnz)}")
         if any(s < 1 for s in self.logra_sides):
             raise ConfigError(f"fidelity.logra_sides must be positive, got {list(self.logra_sides)}")
         for k in self.dims:
@@ -119,6 +124,9 @@ class FidelityConfig(Config):
 RULE_FIELDS = ("criterion", "threshold", "bound")
 """Fields that only change the recommendation, not what is measured."""
 
+ADDED_FIELDS = ("sparse_nnz",)
+"""Fields added after ``fidelity.json`` was first written; an older file measured their defaults."""
+
 
 def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
     """A previous ``fidelity.json`` in ``out`` measured with the same settings (rule fields aside)."""
@@ -128,7 +136,9 @@ def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
     old = read_json(path, ConfigError, f"delete {path} to measure again")
     if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
         return None
-    same = {k: v for k, v in old["config"].items() if k not in RULE_FIELDS} == \
+    # a field added after the measurement was written has a default that reproduces what it measured
+    old_cfg = {**{k: v for k, v in to_dict(FidelityConfig()).items() if k in ADDED_FIELDS}, **old["config"]}
+    same = {k: v for k, v in old_cfg.items() if k not in RULE_FIELDS} == \
         {k: v for k, v in to_dict(cfg).items() if k not in RULE_FIELDS}
     if not same or not all(isinstance(old.get(k), (list, dict)) for k in ("settings", "seconds")):
         return None

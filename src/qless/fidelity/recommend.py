@@ -18,6 +18,13 @@ RECOMMENDATION = "recommendation.json"
 _COMPUTE_COST = {"sparse": 0, "logra": 0, "none": 1, "rademacher": 2, "gaussian": 3}  # per example, at equal bytes
 
 
+def projection_label(entry: dict[str, Any]) -> str:
+    """A setting's projection as the tables name it: the kind, with ``nnz`` when a sparse
+    projection has more than one non-zero per input coordinate."""
+    nnz = entry.get("nnz", 1) if entry["projection"] == "sparse" else 1
+    return f"{entry['projection']} nnz {nnz}" if nnz > 1 else entry["projection"]
+
+
 def _worst(entry: dict[str, Any], tasks: Sequence[str], cfg) -> float | None:
     """The criterion's lowest value over the tasks (``bound`` end), or None without an interval."""
     values = [entry["tasks"][t][cfg.criterion].get(cfg.bound) for t in tasks]
@@ -35,6 +42,8 @@ def settings_config(entry: dict[str, Any], seed: int, pool_gradient: str = "adam
     projection: dict[str, Any] = {"kind": entry["projection"]}
     if entry["projection"] != "none":
         projection.update(dim=entry["side"] if entry["projection"] == "logra" else entry["k"], seed=seed)
+    if entry["projection"] == "sparse" and entry.get("nnz", 1) != 1:
+        projection["nnz"] = entry["nnz"]
     if entry["projection"] in ("rademacher", "gaussian", "logra") and entry.get("projection_compute"):
         projection["compute_dtype"] = entry["projection_compute"]
     formats = [entry["format"]] + (["fp32"] if entry["scale"] == "global" else [])
@@ -56,6 +65,7 @@ def recommend(results: Sequence[dict[str, Any]], cfg, tasks: Sequence[str]) -> d
         best = max((x for x in scored if x[1] is not None), key=lambda x: x[1], default=None)
         return {"met": False, "rule": rule, "best": _evidence(best[0], best[1], tasks, cfg) if best else None}
     entry, worst = min(passing, key=lambda x: (extraction_bytes(x[0]), _COMPUTE_COST.get(x[0]["projection"], 9),
+                                               x[0].get("nnz", 1),
                                                x[0]["model_dtype"] == "float32", -x[1]))
     out = {"met": True, "rule": rule, "setting": _evidence(entry, worst, tasks, cfg),
            "config": settings_config(entry, cfg.projection_seed, getattr(cfg, "pool_gradient", "adam"))}
@@ -70,7 +80,8 @@ def recommend(results: Sequence[dict[str, Any]], cfg, tasks: Sequence[str]) -> d
 
 def _evidence(entry: dict[str, Any], worst: float | None, tasks: Sequence[str], cfg) -> dict[str, Any]:
     keep = ("model_dtype", "projection", "k", "format", "bytes_per_example")
-    return {**{k: entry[k] for k in keep}, "worst_task_value": worst,
+    extra = {k: entry[k] for k in ("nnz", "side") if k in entry}
+    return {**{k: entry[k] for k in keep}, **extra, "worst_task_value": worst,
             "tasks": {t: entry["tasks"][t][cfg.criterion] for t in tasks},
             "spearman": {t: entry["tasks"][t]["spearman"] for t in tasks}}
 
@@ -116,7 +127,7 @@ def _fmt(m: dict[str, float] | None) -> str:
 
 
 def _label(e: dict[str, Any]) -> str:
-    proj = "none" if e["projection"] == "none" else f"{e['projection']} {e['k']}"
+    proj = "none" if e["projection"] == "none" else f"{projection_label(e)} {e['k']}"
     return f"{e['model_dtype']} | {proj} | {e['format']}"
 
 
@@ -150,7 +161,7 @@ def markdown(report: dict[str, Any], cfg) -> str:
     if rec["met"]:
         s = rec["setting"]
         k = "" if s["projection"] == "none" else f" k = {s['k']}"
-        lines += [f"Cheapest setting with {rec['rule']}: **{s['model_dtype']} model, projection {s['projection']}"
+        lines += [f"Cheapest setting with {rec['rule']}: **{s['model_dtype']} model, projection {projection_label(s)}"
                   f"{k}, {s['format']}**, "
                   f"{s['bytes_per_example']:,} bytes per example and checkpoint.", "",
                   "| task | " + cfg.criterion + " | spearman |", "|---|---|---|"]
@@ -171,7 +182,7 @@ def markdown(report: dict[str, Any], cfg) -> str:
               "| model | projection | k | format | bytes/example | " + " | ".join(cols) + " |",
               "|---|---|---|---|---|" + "---|" * len(cols)]
     for e in results:
-        lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
+        lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
                      + " | ".join(f"{e['mean'][c]:.3f}" for c in cols) + " |")
     if report.get("run_stores"):
         lines += ["", "## The run's own stores", "",
@@ -180,7 +191,7 @@ def markdown(report: dict[str, Any], cfg) -> str:
                   "| model | projection | k | format | bytes/example | rows | " + _task_columns(tasks, cfg),
                   "|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
         for e in report["run_stores"]:
-            lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
+            lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
                          f"{e['rows']} | " + _task_cells(e, tasks, cfg))
     for title, code_bytes in (("at the bytes of fp16 at k = 8192", 16384), ("at a quarter of them", 4096)):
         rows = [e for e in results if e["bytes_per_example"] - 4 == code_bytes]
@@ -190,12 +201,12 @@ def markdown(report: dict[str, Any], cfg) -> str:
                   "| model | projection | k | format | " + _task_columns(tasks, cfg),
                   "|---|---|---|---|" + "---|---|" * len(tasks)]
         for e in sorted(rows, key=lambda e: -e["mean"]["spearman"]):
-            lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
+            lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
     lines += ["", "## Per task", "",
               "| model | projection | k | format | " + _task_columns(tasks, cfg),
               "|---|---|---|---|" + "---|---|" * len(tasks)]
     for e in results:
-        lines.append(f"| {e['model_dtype']} | {e['projection']} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
+        lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
     lines += ["", "![agreement against bytes per example](agreement.png)", "",
               "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()) + ".", ""]
     return "\n".join(lines)
@@ -215,16 +226,20 @@ def plot(report: dict[str, Any], cfg, path: Path) -> None:
     formats = list(dict.fromkeys(e["format"] for e in results if e["projection"] != "none"))
     palette = plt.cm.tab10 if len(formats) <= 10 else plt.cm.tab20
     colors = {f: palette(i % palette.N) for i, f in enumerate(formats)}
-    styles = {"sparse": "-", "rademacher": "--", "gaussian": ":"}
+    kinds = list(dict.fromkeys(projection_label(e) for e in results if e["projection"] != "none"))
+    fixed = {"sparse": "-", "rademacher": "--", "gaussian": ":", "logra": "-."}
+    spare = [(0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2, 1, 2))]
+    others = [k for k in kinds if k not in fixed]
+    styles = {k: fixed.get(k) or spare[others.index(k) % len(spare)] for k in kinds}
     for col, dtype in enumerate(dtypes):
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
             for f in formats:
                 for kind, style in styles.items():
                     pts = sorted((e["bytes_per_example"], e["mean"][metric]) for e in results
-                                 if e["model_dtype"] == dtype and e["format"] == f and e["projection"] == kind)
+                                 if e["model_dtype"] == dtype and e["format"] == f and projection_label(e) == kind)
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[f], label=f"{f} {kind}")
+                        ax.plot(*zip(*pts), linestyle=style, marker="o", ms=3, color=colors[f], label=f"{f} {kind}")
             for e in results:
                 if e["model_dtype"] == dtype and e["projection"] == "none":
                     ax.axhline(e["mean"][metric], color="black", lw=0.8, label="no projection (fp32)")

@@ -25,6 +25,7 @@ from qless.console import progress_bar
 from qless.errors import StoreMismatchError
 from qless.fidelity.metrics import bootstrap, metric_functions, resamples
 from qless.fidelity.probe import ProbeSide, exact_scores, open_probe, rows_as_tensor
+from qless.fidelity.recommend import projection_label
 from qless.project import ProjectionConfig, Projector
 from qless.project.logra import LograProjection, project_rows
 from qless.quantize import QuantizerSpec, compute_scale, decode_codes, global_scale, quantize
@@ -52,7 +53,7 @@ class Setting:
 
     @property
     def name(self) -> str:
-        return f"{self.model_dtype} {self.projection.kind} k={self.k} {self.format}"
+        return f"{self.model_dtype} {projection_label(self.describe())} k={self.k} {self.format}"
 
     def describe(self) -> dict[str, Any]:
         out = {"model_dtype": self.model_dtype, "projection": self.projection.kind, "k": self.k, "format": self.format,
@@ -61,6 +62,8 @@ class Setting:
                "bytes_per_example": self.bytes_per_example}
         if self.projection.kind == "logra":
             out["side"] = self.projection.dim
+        if self.projection.kind == "sparse":
+            out["nnz"] = self.projection.nnz
         return out
 
 
@@ -96,7 +99,8 @@ def logra_layout(run_cfg, warmup_dir: Path) -> LograLayout:
 
 def projections(cfg, d: int) -> list[ProjectionConfig]:
     """The projections of a fidelity config for gradient dimension ``d``: none, then each kind
-    at each k (dense kinds up to ``dense_max_dim``; none of them at k >= d; logra at each side)."""
+    at each k (dense kinds up to ``dense_max_dim``; none of them at k >= d; logra at each side;
+    sparse at each ``sparse_nnz`` that divides k)."""
     out = [ProjectionConfig(kind="none")]
     for kind in cfg.kinds:
         if kind == "logra":
@@ -106,8 +110,10 @@ def projections(cfg, d: int) -> list[ProjectionConfig]:
         for k in sorted(set(cfg.dims)):
             if k >= d or (kind != "sparse" and k > cfg.dense_max_dim):
                 continue
-            out.append(ProjectionConfig(kind=kind, dim=k, seed=cfg.projection_seed,
-                                        compute_dtype=cfg.projection_compute_dtype))
+            for nnz in sorted(set(cfg.sparse_nnz)) if kind == "sparse" else [1]:
+                if k % nnz == 0:
+                    out.append(ProjectionConfig(kind=kind, dim=k, seed=cfg.projection_seed, nnz=nnz,
+                                                compute_dtype=cfg.projection_compute_dtype))
     return out
 
 
@@ -243,6 +249,7 @@ def run_entries(run_dir: Path, formats: Sequence[str], ref_rows: Sequence[dict],
         projection = store["projection"]
         spec = QuantizerSpec.parse(tag)
         entry = {"model_dtype": str(store.get("model", {}).get("dtype", "?")), "projection": projection["kind"],
+                 **({"nnz": int(projection.get("nnz", 1))} if projection["kind"] == "sparse" else {}),
                  "k": int(projection["dim"]), "format": spec.tag, "method": spec.method, "bits": spec.bits,
                  "scale": spec.scale, "bytes_per_example": spec.row_bytes(int(projection["dim"])) + 4,
                  "source": f"run stores ({run_dir / 'grads' / tag})",
