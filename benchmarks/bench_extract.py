@@ -247,6 +247,7 @@ def main() -> None:
                    help="qless projection kind (sparse: cost independent of k; logra: per-layer, inside the hooks, "
                         "plain gradients, k set by --side; LESS then projects to the same k)")
     p.add_argument("--side", type=int, default=16, help="logra: side size s of each LoRA factor (default 16)")
+    p.add_argument("--nnz", type=int, default=1, help="sparse: non-zeros per input coordinate (default 1, CountSketch)")
     p.add_argument("--formats", nargs="+", default=list(DEFAULT_FORMATS))
     p.add_argument("--pool", default=None, help="embedded (default for the embedded model), synthetic, or a .jsonl file")
     p.add_argument("--random-config", action="store_true", help="a random-init Llama of the --layers ... --vocab shape")
@@ -273,7 +274,8 @@ def main() -> None:
         def projector(rows: torch.Tensor) -> torch.Tensor:
             return project_rows(pe.logra, rows.to(device), [r[4] for r in layout], [r[5] for r in layout])
     else:
-        proj_cfg = ProjectionConfig(kind=args.kind, dim=args.k, compute_dtype=args.proj_dtype)
+        proj_cfg = ProjectionConfig(kind=args.kind, dim=args.k, compute_dtype=args.proj_dtype,
+                                    nnz=args.nnz if args.kind == "sparse" else 1)
         pe = PerExampleGradients(model)
         projector = Projector(proj_cfg, pe.dim, device)
     tokens = [len(it.input_ids) for it in items]
@@ -283,7 +285,8 @@ def main() -> None:
                "dtype": args.dtype, "load_average": os.getloadavg()[0], "command": shlex.join(sys.argv)}
     print(f"machine: {machine}")
     print(f"model: {model_info['name']}, {model_info['num_parameters'] / 1e6:.1f}M params, {args.dtype}, LoRA r={args.rank} "
-          f"on q/k/v/o, d = {pe.input_dim:,}, k = {args.k} ({args.kind}); data: {data_desc}, {n} examples, {sum(tokens)} tokens "
+          f"on q/k/v/o, d = {pe.input_dim:,}, k = {args.k} ({args.kind}"
+          f"{f', nnz {args.nnz}' if args.kind == 'sparse' else ''}); data: {data_desc}, {n} examples, {sum(tokens)} tokens "
           f"({min(tokens)}-{max(tokens)} per example); batches of <= {args.batch_size} examples / {args.max_batch_tokens} tokens")
 
     w, small_k = min(n, args.batch_size), dataclasses.replace(proj_cfg, dim=LESS_BLOCK)  # the timed kind, at a small k

@@ -227,10 +227,11 @@ def plot(report: dict[str, Any], cfg, path: Path) -> None:
     palette = plt.cm.tab10 if len(formats) <= 10 else plt.cm.tab20
     colors = {f: palette(i % palette.N) for i, f in enumerate(formats)}
     kinds = list(dict.fromkeys(projection_label(e) for e in results if e["projection"] != "none"))
-    fixed = {"sparse": "-", "rademacher": "--", "gaussian": ":", "logra": "-."}
-    spare = [(0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2, 1, 2))]
+    # colour: format; line and marker: projection (sparse with nnz > 1 keeps the solid line, other markers)
+    fixed = {"sparse": ("-", "o"), "rademacher": ("--", "D"), "gaussian": (":", "v"), "logra": ("-.", "x")}
+    spare = ["s", "^", "P", "*", "h"]
     others = [k for k in kinds if k not in fixed]
-    styles = {k: fixed.get(k) or spare[others.index(k) % len(spare)] for k in kinds}
+    styles = {k: fixed.get(k) or ("-", spare[others.index(k) % len(spare)]) for k in kinds}
     for col, dtype in enumerate(dtypes):
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
@@ -239,7 +240,8 @@ def plot(report: dict[str, Any], cfg, path: Path) -> None:
                     pts = sorted((e["bytes_per_example"], e["mean"][metric]) for e in results
                                  if e["model_dtype"] == dtype and e["format"] == f and projection_label(e) == kind)
                     if pts:
-                        ax.plot(*zip(*pts), linestyle=style, marker="o", ms=3, color=colors[f], label=f"{f} {kind}")
+                        ax.plot(*zip(*pts), linestyle=style[0], marker=style[1], ms=4, color=colors[f],
+                                label=f"{f} {kind}")
             for e in results:
                 if e["model_dtype"] == dtype and e["projection"] == "none":
                     ax.axhline(e["mean"][metric], color="black", lw=0.8, label="no projection (fp32)")
@@ -249,8 +251,12 @@ def plot(report: dict[str, Any], cfg, path: Path) -> None:
             ax.set_title(f"{dtype} model")
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    ncol = max(1, min(len(labels), 3 * len(dtypes)))
+    legend_rows = -(-len(labels) // ncol)
+    height = fig.get_figheight()
+    fig.set_figheight(height + 0.2 * legend_rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.15) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
