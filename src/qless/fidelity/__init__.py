@@ -124,8 +124,8 @@ class FidelityConfig(Config):
 RULE_FIELDS = ("criterion", "threshold", "bound")
 """Fields that only change the recommendation, not what is measured."""
 
-ADDED_FIELDS = ("sparse_nnz",)
-"""Fields added after ``fidelity.json`` was first written; an older file measured their defaults."""
+ADDED_FIELDS: dict[str, Any] = {"sparse_nnz": [1]}
+"""Fields added after ``fidelity.json`` was first written, with the value an older file measured."""
 
 
 def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
@@ -136,8 +136,7 @@ def _measured(out: Path, cfg: FidelityConfig) -> dict[str, Any] | None:
     old = read_json(path, ConfigError, f"delete {path} to measure again")
     if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
         return None
-    # a field added after the measurement was written has a default that reproduces what it measured
-    old_cfg = {**{k: v for k, v in to_dict(FidelityConfig()).items() if k in ADDED_FIELDS}, **old["config"]}
+    old_cfg = {**ADDED_FIELDS, **old["config"]}
     same = {k: v for k, v in old_cfg.items() if k not in RULE_FIELDS} == \
         {k: v for k, v in to_dict(cfg).items() if k not in RULE_FIELDS}
     if not same or not all(isinstance(old.get(k), (list, dict)) for k in ("settings", "seconds")):
