@@ -204,9 +204,9 @@ def test_sparse_nnz_is_measured_and_recommended_with_its_nnz(tiny_run):
     the projection section; a fidelity.json written before the field existed measured nnz 1 and
     is reused for the default."""
     root, _, fcfg, report = tiny_run
-    nnz_cfg = replace(fcfg, kinds=("sparse",), dims=(64, 256), sparse_nnz=(1, 4, 3), formats=("fp32", "sign1"),
+    nnz_cfg = replace(fcfg, kinds=("sparse",), dims=(64, 256), sparse_nnz=(1, 4, 128), formats=("fp32", "sign1"),
                       bootstrap=0, criterion="spearman", threshold=-1.0)
-    assert [(p.dim, p.nnz) for p in projections(nnz_cfg, 1792)[1:]] == [(64, 1), (64, 4), (256, 1), (256, 4)]
+    assert [(p.dim, p.nnz) for p in projections(nnz_cfg, 1792)[1:]] == [(64, 1), (64, 4), (256, 1), (256, 4), (256, 128)]
     pool, _, _ = open_probe(root / "fid" / "probe" / "float32", ["mmlu", "qa"])
     four = next(p for p in projections(nnz_cfg, pool.d) if p.nnz == 4 and p.dim == 64)
     got = project_side(pool, pool.checkpoints[0], four, 64)
@@ -214,19 +214,27 @@ def test_sparse_nnz_is_measured_and_recommended_with_its_nnz(tiny_run):
     torch.testing.assert_close(got, make_projector(four, pool.d).project(rows), rtol=0, atol=0)
     out = fidelity(root / "run", root / "fid-nnz", nnz_cfg, progress=False)
     labels = {(e["projection"], e.get("nnz"), e["k"]) for e in out["settings"]}
-    assert labels == {("none", None, 1792), ("sparse", 1, 64), ("sparse", 4, 64), ("sparse", 1, 256), ("sparse", 4, 256)}
+    assert labels == {("none", None, 1792), ("sparse", 1, 64), ("sparse", 4, 64), ("sparse", 1, 256), ("sparse", 4, 256),
+                      ("sparse", 128, 256)}
     assert "| float32 | sparse nnz 4 | 64 | sign1 |" in (root / "fid-nnz" / "fidelity.md").read_text()
     entry = next(e for e in out["settings"] if e.get("nnz") == 4 and e["k"] == 64 and e["format"] == "sign1")
     assert settings_config(entry, 0)["projection"] == {"kind": "sparse", "dim": 64, "seed": 0, "nnz": 4}
-    assert "nnz" not in settings_config({**entry, "nnz": 1}, 0)["projection"]
+    assert settings_config({**entry, "nnz": 1}, 0)["projection"]["nnz"] == 1  # written, so a config file's nnz is not kept
     # an older fidelity.json (no sparse_nnz in its config) holds nnz-1 measurements: reused for the default
-    saved = json.loads((root / "fid" / "fidelity.json").read_text())
+    original = (root / "fid" / "fidelity.json").read_text()
+    saved = json.loads(original)
     assert saved["config"]["sparse_nnz"] == [1]
     del saved["config"]["sparse_nnz"]
+    for e in saved["settings"]:
+        e.pop("nnz", None)
     (root / "fid" / "fidelity.json").write_text(json.dumps(saved))
     assert _measured(root / "fid", fcfg) is not None
     assert _measured(root / "fid", replace(fcfg, sparse_nnz=(2,))) is None
-    fidelity(root / "run", root / "fid", fcfg, progress=False)  # rewrites it as the other tests expect
+    old = fidelity(root / "run", root / "fid", replace(fcfg, criterion="spearman", threshold=-1.0), progress=False)
+    assert "nnz" not in old["settings"][1] and "| float32 | sparse | 64 | sign1 |" in (root / "fid" / "fidelity.md").read_text()
+    assert old["recommendation"]["config"]["projection"].get("nnz", 1) == 1
+    (root / "fid" / "fidelity.json").write_text(original)
+    fidelity(root / "run", root / "fid", fcfg, progress=False)  # the outputs as the other tests expect them
 
 
 def test_fidelity_outputs(tiny_run):
@@ -325,7 +333,7 @@ def test_recommend_picks_the_cheapest_setting_that_passes_on_every_task():
     rec = recommend(results, cfg, ["a", "b"])
     assert rec["met"] and rec["setting"]["format"] == "absmean2" and rec["setting"]["k"] == 16384
     assert rec["setting"]["model_dtype"] == "bfloat16" and rec["setting"]["worst_task_value"] == 0.90
-    assert rec["config"] == {"model": {"dtype": "bfloat16"}, "projection": {"kind": "sparse", "dim": 16384, "seed": 0},
+    assert rec["config"] == {"model": {"dtype": "bfloat16"}, "projection": {"kind": "sparse", "dim": 16384, "seed": 0, "nnz": 1},
                              "extract": {"formats": ["absmean2"]}, "select_format": "absmean2"}
     # against the interval's lower end only the float32 absmean2 (0.89) ... fails; nothing passes at 0.9
     strict = recommend(results, FidelityConfig(criterion="recall@5", threshold=0.88, bound="low"), ["a", "b"])
@@ -374,6 +382,12 @@ def test_fidelity_config_validation(tmp_path):
         FidelityConfig(kinds=("logra",))
     with pytest.raises(ConfigError, match="absmax: 3 bits"):
         FidelityConfig(formats=("absmax3",))
+    with pytest.raises(ConfigError, match="sparse_nnz must be positive"):
+        FidelityConfig(sparse_nnz=(0,))
+    with pytest.raises(ConfigError, match="add sparse to --kinds"):
+        FidelityConfig(kinds=("rademacher",), sparse_nnz=(1, 4))
+    with pytest.raises(ConfigError, match="3 divides none of fidelity.dims"):
+        FidelityConfig(dims=(64, 256), sparse_nnz=(1, 3))
     assert from_dict(FidelityConfig, {"percents": "1,2", "criterion": "recall@2"}).percents == (1.0, 2.0)
     assert FidelityConfig(model_dtypes=("bfloat16",)).dtypes == ["float32", "bfloat16"]
     with pytest.raises(ConfigError, match="config.json"):

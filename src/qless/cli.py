@@ -214,6 +214,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
 def _cmd_fidelity(ns: argparse.Namespace) -> int:
     from qless.fidelity import FidelityConfig, fidelity
+    from qless.fidelity.recommend import projection_label
 
     report = fidelity(ns.run_dir, ns.out, from_args(FidelityConfig, ns))
     out = Path(ns.out) if ns.out else Path(ns.run_dir) / "fidelity"
@@ -223,7 +224,7 @@ def _cmd_fidelity(ns: argparse.Namespace) -> int:
     if rec["met"]:
         s = rec["setting"]
         k = "" if s["projection"] == "none" else f" k={s['k']}"
-        print(f"recommended ({rec['rule']}): {s['model_dtype']} model, projection {s['projection']}{k}, {s['format']}, "
+        print(f"recommended ({rec['rule']}): {s['model_dtype']} model, projection {projection_label(s)}{k}, {s['format']}, "
               f"{s['bytes_per_example']} bytes per example and checkpoint; worst task {s['worst_task_value']:.3f}")
         print(f"use it: qless extract ... --from-recommendation {out / 'recommendation.json'}")
     else:

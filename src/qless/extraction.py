@@ -159,8 +159,9 @@ class Extractor:
             self.out_dim = self.projector.out_dim
             self.projection_identity = projection.identity(self.grads.dim)
         self.buffer_rows = max(1, min(cfg.chunk_size, cfg.buffer_mb * 2**20 // (4 * self.grads.dim)))
-        log.info("LoRA gradient dimension d = %d; projecting to k = %d (%s), %d rows per projection pass",
-                 self.grads.input_dim, self.out_dim, projection.kind, self.buffer_rows)
+        log.info("LoRA gradient dimension d = %d; projecting to k = %d (%s%s), %d rows per projection pass",
+                 self.grads.input_dim, self.out_dim, projection.kind,
+                 f", nnz {projection.nnz}" if projection.kind == "sparse" else "", self.buffer_rows)
 
     # -- one set -------------------------------------------------------------------------------
 

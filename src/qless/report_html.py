@@ -545,7 +545,8 @@ class CompareReport:
                f"fine-tunes {train_skipped} over {len(units)} trainings",
                f"- fine-tuning: {cfg['train']['epochs']} epochs, lr {cfg['train']['learning_rate']:g}, "
                f"{cfg['train']['schedule']} schedule, batch {cfg['train']['batch_size']}; {len(units)} distinct training sets",
-               f"- projection: {cfg['projection']['kind']}, k = {cfg['projection']['dim']}, seed {cfg['projection']['seed']}",
+               f"- projection: {cfg['projection']['kind']}, k = {cfg['projection']['dim']}, seed {cfg['projection']['seed']}"
+               + (f", nnz {cfg['projection'].get('nnz', 1)}" if cfg['projection']['kind'] == "sparse" else ""),
                f"- scoring: aggregation {cfg['score']['aggregation']}, checkpoint weights {cfg['score']['weights']}"]
         if any(s.kind == "lorif" for s in self.settings):
             lo, cu = cfg["lorif"], cfg["curvature"]

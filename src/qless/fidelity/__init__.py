@@ -100,6 +100,13 @@ class FidelityConfig(Config):
                               "gradient); add --pool-gradient sgd to measure every setting on plain pool gradients")
         if any(n < 1 for n in self.sparse_nnz):
             raise ConfigError(f"fidelity.sparse_nnz must be positive, got {list(self.sparse_nnz)}")
+        if set(self.sparse_nnz) != {1} and "sparse" not in self.kinds:
+            raise ConfigError(f"fidelity.sparse_nnz {list(self.sparse_nnz)} applies to the sparse kind, which "
+                              f"fidelity.kinds ({', '.join(self.kinds)}) leaves out: add sparse to --kinds")
+        for n in self.sparse_nnz:
+            if "sparse" in self.kinds and not any(k % n == 0 for k in self.dims):
+                raise ConfigError(f"fidelity.sparse_nnz: {n} divides none of fidelity.dims ({', '.join(map(str, self.dims))}); "
+                                  "nnz must divide k")
         if any(s < 1 for s in self.logra_sides):
             raise ConfigError(f"fidelity.logra_sides must be positive, got {list(self.logra_sides)}")
         for k in self.dims:

@@ -42,8 +42,8 @@ def settings_config(entry: dict[str, Any], seed: int, pool_gradient: str = "adam
     projection: dict[str, Any] = {"kind": entry["projection"]}
     if entry["projection"] != "none":
         projection.update(dim=entry["side"] if entry["projection"] == "logra" else entry["k"], seed=seed)
-    if entry["projection"] == "sparse" and entry.get("nnz", 1) != 1:
-        projection["nnz"] = entry["nnz"]
+    # always written: merged over a config file, a recommendation must not inherit its nnz
+    projection["nnz"] = entry.get("nnz", 1) if entry["projection"] == "sparse" else 1
     if entry["projection"] in ("rademacher", "gaussian", "logra") and entry.get("projection_compute"):
         projection["compute_dtype"] = entry["projection_compute"]
     formats = [entry["format"]] + (["fp32"] if entry["scale"] == "global" else [])
