@@ -131,6 +131,11 @@ def _label(e: dict[str, Any]) -> str:
     return f"{e['model_dtype']} | {proj} | {e['format']}"
 
 
+def _setting_cells(e: dict[str, Any]) -> str:
+    """The first cells of a table row naming a setting: model, projection, k, format."""
+    return f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | "
+
+
 def _task_columns(tasks: Sequence[str], cfg) -> str:
     return " | ".join(f"{t} spearman | {t} {cfg.criterion}" for t in tasks) + " |"
 
@@ -182,7 +187,7 @@ def markdown(report: dict[str, Any], cfg) -> str:
               "| model | projection | k | format | bytes/example | " + " | ".join(cols) + " |",
               "|---|---|---|---|---|" + "---|" * len(cols)]
     for e in results:
-        lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
+        lines.append(_setting_cells(e) + f"{e['bytes_per_example']:,} | "
                      + " | ".join(f"{e['mean'][c]:.3f}" for c in cols) + " |")
     if report.get("run_stores"):
         lines += ["", "## The run's own stores", "",
@@ -191,7 +196,7 @@ def markdown(report: dict[str, Any], cfg) -> str:
                   "| model | projection | k | format | bytes/example | rows | " + _task_columns(tasks, cfg),
                   "|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
         for e in report["run_stores"]:
-            lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | {e['bytes_per_example']:,} | "
+            lines.append(_setting_cells(e) + f"{e['bytes_per_example']:,} | "
                          f"{e['rows']} | " + _task_cells(e, tasks, cfg))
     for title, code_bytes in (("at the bytes of fp16 at k = 8192", 16384), ("at a quarter of them", 4096)):
         rows = [e for e in results if e["bytes_per_example"] - 4 == code_bytes]
@@ -201,12 +206,12 @@ def markdown(report: dict[str, Any], cfg) -> str:
                   "| model | projection | k | format | " + _task_columns(tasks, cfg),
                   "|---|---|---|---|" + "---|---|" * len(tasks)]
         for e in sorted(rows, key=lambda e: -e["mean"]["spearman"]):
-            lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
+            lines.append(_setting_cells(e) + _task_cells(e, tasks, cfg))
     lines += ["", "## Per task", "",
               "| model | projection | k | format | " + _task_columns(tasks, cfg),
               "|---|---|---|---|" + "---|---|" * len(tasks)]
     for e in results:
-        lines.append(f"| {e['model_dtype']} | {projection_label(e)} | {e['k']} | {e['format']} | " + _task_cells(e, tasks, cfg))
+        lines.append(_setting_cells(e) + _task_cells(e, tasks, cfg))
     lines += ["", "![agreement against bytes per example](agreement.png)", "",
               "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()) + ".", ""]
     return "\n".join(lines)
