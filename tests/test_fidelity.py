@@ -20,7 +20,7 @@ from qless.errors import ConfigError
 from qless.fidelity import FidelityConfig, _measured, fidelity
 from qless.fidelity.metrics import bootstrap, jaccard_at, kendall, metric_functions, ndcg_at, recall_at, spearman, top_rows
 from qless.fidelity.probe import exact_scores, open_probe, probe_sample, rows_as_tensor
-from qless.fidelity.recommend import read_recommendation, recommend, settings_config
+from qless.fidelity.recommend import plot, read_recommendation, recommend, settings_config
 from qless.fidelity.settings import project_side, projections, setting_scores
 from qless.models import ModelConfig, load_adapter, load_model, set_adapter_weights
 from qless.pipeline import build_run_config, run
@@ -196,6 +196,15 @@ def test_logra_is_measured_on_plain_pool_gradients(tiny_run):
     assert rec["met"] and rec["config"]["extract"]["pool_gradient"] == "sgd"
     if rec["setting"]["projection"] == "logra":  # the fewest bytes at threshold 0: side 2
         assert rec["config"]["projection"]["dim"] == 2
+    # the agreement plot draws the logra settings as their own series
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: drawn.append(kw.get("label")) or original(ax, *a, **kw))
+        plot(report, fcfg, root / "fid-sgd" / "replot.png")
+    assert {"fp32 logra", "sign1 logra", "fp32 sparse", "sign1 sparse"} <= set(drawn)
 
 
 def test_sparse_nnz_is_measured_and_recommended_with_its_nnz(tiny_run):

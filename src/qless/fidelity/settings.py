@@ -246,12 +246,10 @@ def run_entries(run_dir: Path, formats: Sequence[str], ref_rows: Sequence[dict],
         if not len(keep) or set(manifest["tasks"]) != set(exact):
             continue
         approx = {task: np.asarray(values[:, j], dtype=np.float64) for j, task in enumerate(manifest["tasks"])}
-        projection = store["projection"]
-        spec = QuantizerSpec.parse(tag)
-        entry = {"model_dtype": str(store.get("model", {}).get("dtype", "?")), "projection": projection["kind"],
-                 **({"nnz": int(projection.get("nnz", 1))} if projection["kind"] == "sparse" else {}),
-                 "k": int(projection["dim"]), "format": spec.tag, "method": spec.method, "bits": spec.bits,
-                 "scale": spec.scale, "bytes_per_example": spec.row_bytes(int(projection["dim"])) + 4,
+        projection, k = store["projection"], int(store["projection"]["dim"])
+        described = ProjectionConfig(kind=projection["kind"], dim=int(projection.get("side", k)),
+                                     nnz=int(projection.get("nnz", 1)))
+        entry = {**Setting(str(store.get("model", {}).get("dtype", "?")), described, k, QuantizerSpec.parse(tag).tag).describe(),
                  "source": f"run stores ({run_dir / 'grads' / tag})",
                  "projection_compute": store.get("extra", {}).get("projection_compute", {}).get("dtype")}
         draws = resamples(len(keep), cfg.bootstrap, cfg.seed)
